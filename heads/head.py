@@ -1,0 +1,170 @@
+"""Exit heads: map the hidden state after layer E to a hidden state the base's final norm + LM head
+turn into a prediction of the full model's next token.
+
+- `mlp`: x + W2·silu(W1·rmsnorm(x)), the last projection zero-initialised so an untrained head is the
+  "logit lens" (the base's own LM head read at layer E).
+- `transformer`: one decoder layer of the base's own architecture, initialised from the base's layer E
+  weights. It attends over earlier positions, so at decode time it keeps a KV cache slot of its own
+  (layer index N, right after the base's layers, in the same cache as the layers that feed it).
+
+Both end in the base's frozen final norm + LM head (`Base.logits`); those weights are not part of
+the head folder, which keeps heads small (config.json + model.safetensors + README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from heads.errors import UserError
+
+HEAD_TYPES = ("mlp", "transformer")
+
+
+def decoder_layer_class(config):
+    """The decoder-layer class transformers uses for this config (e.g. LlamaDecoderLayer)."""
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return getattr(sys.modules[model_cls.__module__], model_cls._no_split_modules[0])
+
+
+def _base_config(base_config: dict):
+    config = AutoConfig.for_model(**base_config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class ExitHead(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="ppsd",
+    tags=["ppsd", "early-exit", "self-speculative-decoding"],
+    repo_url="https://github.com/ppsd/ppsd",
+):
+    """An exit head; its constructor arguments are its config.json."""
+
+    def __init__(
+        self,
+        head_type: str,
+        exit_layer: int,
+        base_model: str,
+        base_config: dict,
+        mlp_hidden: int = 0,
+        base_revision: str | None = None,
+        metadata: dict | None = None,
+    ):
+        super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise UserError(f"unknown head type '{head_type}': use one of {', '.join(HEAD_TYPES)}")
+        config = _base_config(base_config)
+        num_layers = config.num_hidden_layers
+        if not 1 <= exit_layer <= num_layers - 1:
+            raise UserError(f"exit_layer={exit_layer} is outside 1..{num_layers - 1} for this {num_layers}-layer base")
+        self.head_type = head_type
+        self.exit_layer = exit_layer
+        self.base_model = base_model
+        self.num_base_layers = num_layers
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.metadata = dict(metadata or {})
+        if head_type == "mlp":
+            width = mlp_hidden or 2 * config.hidden_size
+            self.norm = nn.RMSNorm(config.hidden_size, eps=getattr(config, "rms_norm_eps", 1e-6))
+            self.up = nn.Linear(config.hidden_size, width, bias=False)
+            self.down = nn.Linear(width, config.hidden_size, bias=False)
+            nn.init.zeros_(self.down.weight)
+        else:
+            # Its own cache slot sits right after the base's layers.
+            self.layer = decoder_layer_class(config)(config, num_layers)
+
+    @property
+    def needs_cache(self) -> bool:
+        return self.head_type == "transformer"
+
+    @property
+    def layer_index(self) -> int:
+        """The cache slot a transformer head uses."""
+        return self.num_base_layers
+
+    def forward(self, hidden, *, position_embeddings=None, attention_mask=None, position_ids=None, cache=None):
+        """hidden (B, T, H) after layer E -> hidden (B, T, H) for the base's final norm + LM head."""
+        if self.head_type == "mlp":
+            return hidden + self.down(nn.functional.silu(self.up(self.norm(hidden))))
+        return self.layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                          position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+
+    def describe(self) -> str:
+        return f"{self.head_type} head at layer {self.exit_layer}/{self.num_base_layers} of {self.base_model}"
+
+
+def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0) -> ExitHead:
+    """A fresh head for `base`; a transformer head starts as a copy of the base's layer `exit_layer`."""
+    head = ExitHead(head_type=head_type, exit_layer=exit_layer, base_model=base.name,
+                    base_config=base.config.to_diff_dict() | {"model_type": base.config.model_type},
+                    mlp_hidden=mlp_hidden)
+    head = head.to(device=base.device, dtype=base.dtype)
+    if head_type == "transformer":
+        head.layer.load_state_dict(base.decoder.layers[exit_layer].state_dict())
+    return head
+
+
+def _head_folder(path_or_id: str) -> Path:
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise UserError(f"head '{path_or_id}' is not an existing folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except Exception as e:  # offline, missing repo, bad id: all one answer for the user
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else type(e).__name__
+        raise UserError(f"head '{path_or_id}' is not a local folder and could not be fetched ({hint})") from None
+
+
+def read_head_config(path_or_id: str) -> dict:
+    folder = _head_folder(path_or_id)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise UserError(f"head folder '{folder}' has no config.json: is it a ppsd head folder?")
+    config = json.loads(config_path.read_text())
+    missing = {"head_type", "exit_layer", "base_model", "base_config"} - set(config)
+    if missing:
+        raise UserError(f"head folder '{folder}' config.json lacks {sorted(missing)}: is it a ppsd head folder?")
+    return config | {"_folder": str(folder)}
+
+
+def check_fits(config: dict, base) -> None:
+    base_cfg = config["base_config"]
+    want = (base_cfg.get("hidden_size"), base_cfg.get("vocab_size"), base_cfg.get("num_hidden_layers"))
+    have = (base.hidden_size, base.vocab_size, base.num_layers)
+    if want != have:
+        raise UserError(f"head was trained on {config['base_model']} (hidden {want[0]}, vocab {want[1]}, {want[2]} layers) "
+                        f"but the base is {base.name} (hidden {have[0]}, vocab {have[1]}, {have[2]} layers): "
+                        "load the head onto the base it was trained for")
+
+
+def load_head(path_or_id: str, base=None, device=None, dtype=None) -> ExitHead:
+    """Load a head folder or hub id (safetensors only); with `base`, check it fits and match its device/dtype."""
+    config = read_head_config(path_or_id)
+    folder = Path(config.pop("_folder"))
+    if base is not None:
+        check_fits(config, base)
+    head = ExitHead(**config)
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise UserError(f"head folder '{folder}' has no model.safetensors")
+    head.load_state_dict(load_file(weights), strict=True)
+    device = device or (base.device if base is not None else "cpu")
+    dtype = dtype or (base.dtype if base is not None else None)
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
