@@ -1,0 +1,8 @@
+"""Lossless fast decoding with an exit head: ar (baseline), eesd (draft-then-verify) and ppsd
+(pipeline-parallel self-speculative decoding). `python -m decode` evaluates them on Spec-Bench-format prompts."""
+
+from decode.common import Generation, OracleDrafts
+from decode.decoder import Decoder
+from decode.pipeline import PipelineError, split_layers
+
+__all__ = ["Decoder", "Generation", "OracleDrafts", "PipelineError", "split_layers"]

@@ -1,0 +1,64 @@
+"""python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; the last line printed is one JSON object.
+
+    python -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl max_new_tokens=128 compare=[ar,eesd]
+    torchrun --nproc_per_node 2 -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from decode.pipeline import PipelineError
+from heads.errors import exit_on_user_error
+
+
+def _torchrun_rank() -> int | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; rank >= 1 serves its stage and returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+    return dist.get_rank()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="decode")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        try:
+            rank = _torchrun_rank()
+            if rank:  # a verify stage: serve until rank 0 says stop
+                import torch.distributed as dist
+
+                from decode.decoder import resolve_base_model
+                from decode.pipeline import serve_torchrun
+                from heads.base import resolve_model_path
+
+                model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
+                serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "threads": cfg.stage_threads,
+                                "device": cfg.device, "worker_timeout_s": 3600.0})
+                dist.destroy_process_group()
+                return
+            from hydra.core.hydra_config import HydraConfig
+
+            from decode.evaluate import run
+
+            out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+            show = (lambda text: print(text, end="", flush=True)) if cfg.stream else None
+            result = run(cfg, out_dir, print_text=show)
+            print(json.dumps(result), flush=True)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

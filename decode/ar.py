@@ -1,0 +1,36 @@
+"""Plain autoregressive decoding with a KV cache: the baseline every ratio is measured against."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from decode.common import Generation, Timer, choose, make_generator, positions
+
+
+@torch.inference_mode()
+def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+              stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield each new token as it is computed; return a Generation (stats: token_s = mean decode step)."""
+    start = time.perf_counter()
+    generator = make_generator(seed)
+    model = base.range(0, base.num_layers)
+    ids = torch.tensor([prompt_ids], device=base.device)
+    hidden = model.forward(base.embed(ids), positions(0, len(prompt_ids), base.device))
+    token, _ = choose(base.logits(hidden[:, -1:])[0, -1], temperature, generator)
+    prefill_s = time.perf_counter() - start
+    tokens, step = [], Timer()
+    while True:
+        tokens.append(token)
+        yield token
+        if token in stop_ids or len(tokens) >= max_new_tokens:
+            break
+        with step:
+            hidden = model.forward(base.embed(torch.tensor([[token]], device=base.device)),
+                                   positions(model.length, 1, base.device))
+            token, _ = choose(base.logits(hidden)[0, -1], temperature, generator)
+    return Generation(tokens=tokens, method="ar", wall_time=time.perf_counter() - start,
+                      prompt_tokens=len(prompt_ids), accept_lengths=[1] * len(tokens),
+                      stats={"prefill_s": prefill_s, "token_s": step.mean, "steps": step.count})

@@ -1,0 +1,176 @@
+"""What every decoder shares: the result type, token choice and the speculative accept rule, the
+stage-0 draft step, and the oracle-acceptance instrument.
+
+Greedy decoding is the temperature -> 0 case of sampling: `choose` takes the argmax and `verify`
+accepts a draft iff it equals the model's argmax, so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from heads.errors import UserError
+
+
+@dataclass
+class Generation:
+    """One decoded answer and how it was produced (the same fields for ar, eesd and ppsd)."""
+
+    tokens: list[int]                 # generated token ids (the prompt is not included)
+    method: str
+    wall_time: float                  # seconds from the first prefill op to the last token
+    prompt_tokens: int = 0
+    drafts_verified: int = 0          # drafts made from the verified prefix and checked by the full model
+    drafts_accepted: int = 0          # of those, equal to (greedy) / accepted as (sampling) the model's token
+    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verification step/run
+    stats: dict = field(default_factory=dict)  # method-specific timings (see readme_decode.md)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.wall_time if self.wall_time > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.drafts_accepted / self.drafts_verified if self.drafts_verified else None
+
+    @property
+    def mean_accept_length(self) -> float:
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+
+
+def run_to_end(tokens: Iterator[int]) -> Generation:
+    """Drain a decode loop (a generator of tokens) and return the Generation it returns."""
+    while True:
+        try:
+            next(tokens)
+        except StopIteration as stop:
+            return stop.value
+
+
+class OracleDrafts:
+    """An instrument, never a head: the draft for generated token k is `reference[k]` with probability
+    `alpha` and a wrong token otherwise (independently per k, reproducible from `seed`).
+
+    Stage 0 still computes layers [0, E) + head + LM head, so every cost is the real one; only the
+    token it forwards is replaced. `reference` should be the greedy AR output for the same prompt
+    and max_new_tokens, so acceptance is exactly this coin (beyond the reference, the real draft is used).
+    """
+
+    def __init__(self, reference: Sequence[int], alpha: float, seed: int = 0, vocab_size: int | None = None):
+        if not 0.0 <= alpha <= 1.0:
+            raise UserError(f"oracle alpha={alpha} must be in [0, 1]")
+        self.reference = list(reference)
+        self.alpha = alpha
+        self.seed = seed
+        self.vocab_size = vocab_size
+
+    def hit(self, index: int) -> bool:
+        return random.Random(self.seed * 1_000_003 + index).random() < self.alpha
+
+    def draft(self, index: int, computed: int) -> int:
+        """The token to forward as the draft of generated token `index` (0 = first new token)."""
+        if not 0 <= index < len(self.reference):
+            return computed
+        right = self.reference[index]
+        if self.hit(index):
+            return right
+        wrong = right + 1
+        return wrong % self.vocab_size if self.vocab_size else wrong
+
+
+# ---- choosing and verifying tokens --------------------------------------------------------------
+
+def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """The next token from one position's logits: argmax (temperature 0) or a sample.
+    Returns (token, its distribution q or None when greedy)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits)), None
+    q = probabilities(logits, temperature)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def verify(logits: torch.Tensor, draft: int, draft_q: torch.Tensor | None, temperature: float,
+           generator: torch.Generator | None) -> tuple[int, bool]:
+    """The model's token at one position given a single draft, and whether the draft was accepted.
+
+    Greedy: accept iff draft == argmax. Sampling: the standard speculative rule (accept with
+    probability min(1, p(d)/q(d)), else sample norm(max(p - q, 0))), whose output is distributed
+    exactly as p whatever q is (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    if temperature <= 0:
+        token = int(torch.argmax(logits))
+        return token, token == draft
+    p = probabilities(logits, temperature)
+    if draft_q is None:  # a draft without a distribution (oracle) is a point mass
+        draft_q = torch.zeros_like(p)
+        draft_q[draft] = 1.0
+    ratio = float(p[draft]) / max(float(draft_q[draft]), 1e-30)
+    if float(torch.rand((), generator=generator)) < min(1.0, ratio):
+        return draft, True
+    residual = torch.clamp(p - draft_q, min=0)
+    total = float(residual.sum())
+    if total <= 0:  # p == q: cannot happen after a rejection, but never divide by zero
+        residual, total = p, 1.0
+    return int(torch.multinomial(residual / total, 1, generator=generator)), False
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the stage-0 draft step (shared by eesd and ppsd) -------------------------------------------
+
+def positions(start: int, count: int, device) -> torch.Tensor:
+    return torch.arange(start, start + count, device=device)[None]
+
+
+def head_hidden(base, head, hidden: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Exit head on h_E (B, T, H): a transformer head attends over earlier positions through its own
+    slot of the stage-0 cache, so cropping that cache rolls the head back too."""
+    if not head.needs_cache:
+        return head(hidden)
+    mask = base.attention_masks(hidden, position_ids, cache, layer_idx=head.layer_index)["full_attention"]
+    return head(hidden, position_embeddings=base.position_embeddings(hidden, position_ids),
+                attention_mask=mask, position_ids=position_ids, cache=cache)
+
+
+def draft_step(base, head, lower, token_ids: torch.Tensor, start: int, with_logits: bool = True):
+    """Layers [0, E) + exit head on tokens at positions [start, start+T): (h_E, draft logits of the last
+    position or None). The head runs on every position so its cache stays in step with the layers'."""
+    pos = positions(start, token_ids.shape[1], token_ids.device)
+    hidden = lower.forward(base.embed(token_ids), pos)
+    out = head_hidden(base, head, hidden, pos, lower.cache)
+    return hidden, (base.logits(out[:, -1:])[0, -1] if with_logits else None)
+
+
+class Timer:
+    """Accumulates wall time of `with timer:` blocks (and counts them)."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._start
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0

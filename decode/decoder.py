@@ -1,0 +1,154 @@
+"""`Decoder`: the library API over the three decode loops.
+
+    with Decoder(method="ppsd", head_path="heads/smollm2-e8", stages=2) as dec:
+        gen = dec.generate(prompt_ids, max_new_tokens=128)      # -> Generation
+        for token in dec.stream(prompt_ids, max_new_tokens=128):  # tokens as they are verified
+            ...
+
+For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
+ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from decode.ar import ar_decode
+from decode.common import Generation
+from decode.eesd import eesd_decode
+from decode.pipeline import Pipeline, PipelineError, measure_costs, split_layers
+from decode.ppsd import ppsd_decode
+from heads import load_base, load_head
+from heads.base import EMBEDDED_MODELS, resolve_model_path
+from heads.errors import UserError
+from heads.head import read_head_config
+
+METHODS = ("ar", "eesd", "ppsd")
+
+
+def resolve_base_model(head_path: str | None, model: str | None) -> str:
+    """The base to load: `model` if given, else the head's recorded base_model, mapped to the embedded
+    copy when the hub id is not available offline (e.g. SmolLM2-135M-Instruct -> "smollm2")."""
+    if model:
+        return model
+    if head_path is None:
+        return "smollm2"
+    name = read_head_config(head_path)["base_model"]
+    embedded = next((key for key, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == name), None)
+    if embedded is None:
+        return name
+    try:
+        resolve_model_path(name)
+        return name
+    except UserError:
+        return embedded
+
+
+class Decoder:
+    """One method (ar | eesd | ppsd) bound to a base model and (for eesd/ppsd) an exit head."""
+
+    def __init__(self, method: str = "ar", head_path: str | None = None, *, model: str | None = None, base=None,
+                 head=None, stages: int = 2, stage_layers=None, gamma: int = 4, dtype: str = "float32",
+                 threads: int | None = None, stage_threads: int = 1, window: int | None = None,
+                 timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, device: str = "cpu",
+                 exit_layer: int | None = None):
+        if method not in METHODS:
+            raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+        self.method, self.gamma, self.window = method, gamma, window
+        self.threads = threads or torch.get_num_threads()
+        self.stage_threads = stage_threads
+        self.pipeline = None
+        self.last_generation: Generation | None = None
+        if gamma < 1:
+            raise UserError(f"gamma={gamma}: eesd drafts at least one token per round")
+        if method != "ar" and head is None and head_path is None:
+            raise UserError(f"method={method} needs an exit head: pass head_path=FOLDER_OR_HUB_ID")
+        if base is None:
+            base = load_base(resolve_base_model(head_path, model), dtype=dtype, device=device)
+        self.base = base
+        if method != "ar" and head is None:
+            head = load_head(head_path, base)
+        self.head = head
+        self.exit_layer = head.exit_layer if head is not None else exit_layer
+        self.stop_ids = base.eos_token_ids
+        self.layout = None
+        if method == "ppsd":
+            layer_s, lm_head_s = measure_costs(base)
+            self.layout = split_layers(base.num_layers, head.exit_layer, stages,
+                                       layer_costs=[layer_s] * base.num_layers, lm_head_cost=lm_head_s,
+                                       stage_layers=stage_layers)
+            torchrun = dist.is_initialized()
+            self.pipeline = Pipeline(str(base.folder), str(dtype), self.layout, spawn=not torchrun,
+                                     stage_threads=stage_threads, timeout_s=timeout_s,
+                                     worker_timeout_s=worker_timeout_s, device=device,
+                                     vocab_size=base.vocab_size, hidden_size=base.hidden_size)
+
+    @property
+    def stages(self) -> int:
+        return len(self.layout) if self.layout else 1
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, seed: int = 0,
+               oracle=None, stop_at_eos: bool = True):
+        """Yield new token ids as they are verified; afterwards `self.last_generation` holds the Generation."""
+        self.base.check_prompt_length(len(prompt_ids), max_new_tokens)
+        if not prompt_ids:
+            raise UserError("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if oracle is not None and temperature > 0:
+            raise UserError("oracle drafts are a greedy-decoding instrument: use temperature=0")
+        if oracle is not None and self.method == "ar":
+            raise UserError("oracle drafts need a drafting method (eesd or ppsd)")
+        stop = self.stop_ids if stop_at_eos else frozenset()
+        common = dict(temperature=temperature, seed=seed, stop_ids=stop)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.stage_threads if self.method == "ppsd" else self.threads)
+        try:
+            if self.method == "ar":
+                loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
+            elif self.method == "eesd":
+                loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma, oracle=oracle,
+                                   **common)
+            else:
+                if self.pipeline is None or self.pipeline.closed:
+                    raise UserError("this ppsd Decoder is closed: create a new one")
+                loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
+                                   window=self.window, **common)
+            try:
+                while True:
+                    yield next(loop)
+            except StopIteration as stop_iteration:
+                self.last_generation = stop_iteration.value
+            finally:
+                loop.close()
+        except PipelineError:
+            self.pipeline.kill()  # a dead or hung stage: nothing more can run, leave nothing behind
+            raise
+        finally:
+            torch.set_num_threads(previous)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
+        for _ in self.stream(prompt_ids, max_new_tokens, **kwargs):
+            pass
+        return self.last_generation
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.pipeline is not None and isinstance(exc[1], PipelineError):
+            self.pipeline.kill()
+        else:
+            self.close()
+
+    def __del__(self):
+        try:
+            if self.pipeline is not None and not self.pipeline.closed:
+                self.pipeline.kill()
+        except Exception:
+            pass

@@ -1,0 +1,81 @@
+"""Early-exit self-speculative decoding: draft γ tokens with layers [0, E) + the exit head, verify
+them in one pass of layers [E, N), keep the longest matching prefix plus the model's own token.
+
+The draft's layer-[0, E) KV entries are the verifier's too (one cache per layer range), so after
+verification both ranges are cropped to the accepted length: the rollback is a crop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+from decode.common import Generation, Timer, choose, draft_step, make_generator, positions, verify
+
+
+@torch.inference_mode()
+def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma: int = 4, temperature: float = 0.0,
+                seed: int = 0, stop_ids: set[int] = frozenset(), oracle=None) -> Iterator[int]:
+    """Yield tokens as each round is verified; return a Generation.
+
+    stats: draft_s (one draft token: [0, E) + head + LM head), verify_s {k: one pass over k positions:
+    the last draft through [0, E) + head, then [E, N) + LM head on all k}, rounds.
+    """
+    start = time.perf_counter()
+    draft_rng, verify_rng = make_generator(seed), make_generator(seed + 1)
+    exit_layer, device = head.exit_layer, base.device
+    lower, upper = base.range(0, exit_layer), base.range(exit_layer, base.num_layers)
+    n_prompt = len(prompt_ids)
+
+    hidden, _ = draft_step(base, head, lower, torch.tensor([prompt_ids], device=device), 0, with_logits=False)
+    logits = base.logits(upper.forward(hidden, positions(0, n_prompt, device))[:, -1:])[0, -1]
+    token, _ = choose(logits, temperature, verify_rng)
+    prefill_s = time.perf_counter() - start
+    tokens, accept_lengths = [token], [1]  # the prefill step emits one token
+    verified = accepted = 0
+    draft_timer, verify_timers = Timer(), defaultdict(Timer)
+    yield token
+
+    while token not in stop_ids and len(tokens) < max_new_tokens:
+        pos = n_prompt + len(tokens) - 1            # position of `token`, the last verified one
+        budget = min(gamma, max_new_tokens - len(tokens) - 1)  # a round emits at most budget + 1 tokens
+        hiddens, drafts, draft_qs, x = [], [], [], token
+        for j in range(budget):
+            with draft_timer:
+                h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
+                x, q = choose(draft_logits, temperature, draft_rng)
+                if oracle is not None:
+                    x = oracle.draft(pos + j + 1 - n_prompt, x)
+            hiddens.append(h), drafts.append(x), draft_qs.append(q)
+            if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
+                break
+        k = len(drafts)
+        with verify_timers[k + 1]:
+            h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
+            hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
+            all_logits = base.logits(hidden)[0]
+        new, n_ok = [], 0
+        for i in range(k):
+            y, ok = verify(all_logits[i], drafts[i], draft_qs[i], temperature, verify_rng)
+            new.append(y)
+            if not ok:
+                break
+            n_ok += 1
+        if n_ok == k and not (k and drafts[-1] in stop_ids):
+            y, _ = choose(all_logits[k], temperature, verify_rng)  # every draft accepted: the bonus token
+            new.append(y)
+        verified, accepted = verified + n_ok + (n_ok < k), accepted + n_ok  # drafts after a miss don't count
+        keep = pos + n_ok + 1                    # positions [0, keep) hold verified inputs
+        lower.crop(keep), upper.crop(keep)
+        tokens.extend(new)
+        yield from new
+        accept_lengths.append(len(new))
+        token = tokens[-1]
+    return Generation(tokens=tokens, method="eesd", wall_time=time.perf_counter() - start, prompt_tokens=n_prompt,
+                      drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
+                      stats={"prefill_s": prefill_s, "gamma": gamma, "rounds": len(accept_lengths),
+                             "draft_s": draft_timer.mean,
+                             "verify_s": {k: t.mean for k, t in sorted(verify_timers.items())}})

@@ -1,0 +1,290 @@
+"""Spec-Bench-format evaluation: questions in, answers + per-category summaries out.
+
+Input: JSONL with question_id, category, turns (user messages; the model's own answer is fed back
+between turns through the chat template). Output: Spec-Bench's answer format (choices[0].turns,
+new_tokens, wall_time, accept_lengths per turn) for every method, and a summary: tokens/s,
+acceptance rate, mean accepted length, speedup vs ar (same invocation), the prediction of
+decode/theory.py from the measured acceptance and stage costs, and the fastest method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from decode import theory
+from decode.common import Generation
+from heads.errors import UserError
+
+
+def read_questions(path: str, limit: int | None = None) -> list[dict]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"prompts file '{path}' does not exist: pass a Spec-Bench-format JSONL (question_id, category, turns)")
+    questions = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number} is not valid JSON") from None
+        turns = q.get("turns") if isinstance(q, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise UserError(f"{path}:{number} needs 'turns': a non-empty list of strings (Spec-Bench format)")
+        questions.append({"question_id": q.get("question_id", number), "category": q.get("category", "default"),
+                          "turns": turns})
+        if limit is not None and len(questions) >= limit:
+            break
+    if not questions:
+        raise UserError(f"prompts file '{path}' holds no questions")
+    return questions
+
+
+def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+           on_text=None) -> tuple[dict, list[Generation]]:
+    """Every turn of one question, the model's answers fed back; returns (Spec-Bench choice, generations)."""
+    base = decoder.base
+    messages, generations = [], []
+    choice = {"index": 0, "turns": [], "decoding_steps": [], "new_tokens": [], "wall_time": [], "accept_lengths": []}
+    for turn in question["turns"]:
+        messages.append({"role": "user", "content": turn})
+        prompt_ids = base.encode_chat(messages)
+        shown, streamed = "", []
+        for token in (decoder.stream(prompt_ids, max_new_tokens, temperature=temperature, seed=seed)
+                      if on_text else ()):
+            streamed.append(token)
+            text = base.tokenizer.decode(streamed, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(text[len(shown):])
+                shown = text
+        gen = decoder.last_generation if on_text else decoder.generate(prompt_ids, max_new_tokens,
+                                                                       temperature=temperature, seed=seed)
+        text = base.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        if on_text:
+            on_text(text[len(shown):] + "\n")
+        messages.append({"role": "assistant", "content": text})
+        generations.append(gen)
+        choice["turns"].append(text)
+        choice["decoding_steps"].append(len(gen.accept_lengths))
+        choice["new_tokens"].append(gen.new_tokens)
+        choice["wall_time"].append(gen.wall_time)
+        choice["accept_lengths"].append(gen.accept_lengths)
+    return choice, generations
+
+
+def answer_record(question: dict, choice: dict, model_id: str, method: str) -> dict:
+    return {"question_id": question["question_id"], "category": question["category"], "answer_id": uuid.uuid4().hex,
+            "model_id": f"{model_id}-{method}", "choices": [choice], "tstamp": time.time()}
+
+
+# ---- summaries ----------------------------------------------------------------------------------
+
+def figures(gens: list[Generation]) -> dict:
+    """tokens/s (all new tokens / all wall time), acceptance, mean accepted length over generations."""
+    tokens = sum(g.new_tokens for g in gens)
+    wall = sum(g.wall_time for g in gens)
+    verified = sum(g.drafts_verified for g in gens)
+    accepted = sum(g.drafts_accepted for g in gens)
+    lengths = [n for g in gens for n in g.accept_lengths]
+    return {"new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "acceptance_rate": accepted / verified if verified else None,
+            "drafts_verified": verified, "drafts_accepted": accepted,
+            "mean_accepted_length": sum(lengths) / len(lengths) if lengths else 1.0}
+
+
+def _weighted(items: list[tuple[float, float]]) -> float:
+    total = sum(w for _, w in items)
+    return sum(v * w for v, w in items) / total if total else 0.0
+
+
+def ar_token_s(gens: list[Generation]) -> float:
+    return _weighted([(g.stats["token_s"], g.stats["steps"]) for g in gens])
+
+
+def eesd_costs(gens: list[Generation]) -> tuple[float, dict[int, float]]:
+    """Mean time of one draft token, and of one verify pass per number of positions verified."""
+    draft = _weighted([(g.stats["draft_s"], g.drafts_verified) for g in gens])
+    per_k: dict[int, list] = defaultdict(list)
+    for g in gens:
+        for k, t in g.stats["verify_s"].items():
+            per_k[int(k)].append(t)
+    return draft, {k: sum(v) / len(v) for k, v in sorted(per_k.items())}
+
+
+def stage_summary(gens: list[Generation]) -> list[dict]:
+    """Per-stage figures over all generations: per-position means weighted by positions, totals summed."""
+    out = []
+    for i in range(len(gens[0].stats["stages"])):
+        rows = [g.stats["stages"][i] for g in gens]
+        w = [max(r["positions"], 1) for r in rows]
+        mean = lambda key: _weighted([(r[key], x) for r, x in zip(rows, w)])  # noqa: E731
+        out.append({"layers": rows[0]["layers"], "positions": sum(r["positions"] for r in rows),
+                    "compute_s": mean("compute_s"), "send_s": mean("send_s"),
+                    "busy_fraction": mean("busy_fraction"), "blocked_s": sum(r["blocked_s"] for r in rows),
+                    "bubble_s": sum(r["bubble_s"] for r in rows), "dropped": sum(r["dropped"] for r in rows),
+                    "flushes": sum(r["flushes"] for r in rows), "contention": mean("contention")})
+    return out
+
+
+def predict(method: str, gens: list[Generation], t_ar: float | None, gamma: int, alpha: float | None) -> dict:
+    """theory's prediction from this run's own measurements (None where it does not apply)."""
+    if method == "ar" or t_ar is None or alpha is None:
+        return {"predicted_speedup": 1.0 if method == "ar" else None}
+    if method == "eesd":
+        draft_s, verify_s = eesd_costs(gens)
+        if not verify_s:
+            return {"predicted_speedup": None}
+        ks = sorted(verify_s)
+        nearest = lambda k: verify_s[min(ks, key=lambda m: abs(m - k))]  # noqa: E731
+        return {"predicted_speedup": theory.eesd_speedup(alpha, gamma, draft_s, nearest, t_ar),
+                "draft_s": draft_s, "verify_s": verify_s,
+                "best_gamma": theory.best_eesd_gamma(alpha, draft_s, nearest, t_ar)}
+    stages = stage_summary(gens)
+    stage_s = [s["compute_s"] + s["send_s"] for s in stages]
+    feedback_s = sum(g.stats["feedback_s"] for g in gens) / len(gens)
+    return {"predicted_speedup": theory.ppsd_speedup(alpha, stage_s, t_ar, feedback_s),
+            "stage_s": stage_s, "feedback_s": feedback_s, "stages": stages}
+
+
+def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],
+              gamma: int) -> dict:
+    """Figures for every method (overall and per category), speedups vs ar, predictions, the fastest."""
+    ar = gens_by_method.get("ar")
+    ar_figs = figures(ar) if ar else None
+    t_ar = ar_token_s(ar) if ar else None
+    result = {}
+    for name, gens in gens_by_method.items():
+        figs = figures(gens)
+        figs["speedup_vs_ar"] = figs["tokens_per_s"] / ar_figs["tokens_per_s"] if ar_figs else None
+        pred = predict(name, gens, t_ar, gamma, figs["acceptance_rate"])
+        figs.update(pred)
+        p = pred.get("predicted_speedup")
+        figs["measured_over_predicted"] = figs["speedup_vs_ar"] / p if p and figs["speedup_vs_ar"] else None
+        by_cat: dict[str, list] = defaultdict(list)
+        for g, c in zip(gens, cats_by_method[name]):
+            by_cat[c].append(g)
+        ar_by_cat: dict[str, list] = defaultdict(list)
+        if ar:
+            for g, c in zip(ar, cats_by_method["ar"]):
+                ar_by_cat[c].append(g)
+        figs["categories"] = {}
+        for c, cg in by_cat.items():
+            f = figures(cg)
+            ar_tps = figures(ar_by_cat[c])["tokens_per_s"] if ar_by_cat.get(c) else None
+            f["speedup_vs_ar"] = f["tokens_per_s"] / ar_tps if ar_tps else None
+            figs["categories"][c] = {k: f[k] for k in ("tokens_per_s", "acceptance_rate", "mean_accepted_length",
+                                                        "speedup_vs_ar", "new_tokens")}
+        result[name] = figs
+    fastest = max(result, key=lambda n: result[n]["tokens_per_s"])
+    return {"figures": result, "fastest_method": fastest}
+
+
+def round_floats(obj, digits: int = 5):
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+# ---- the whole evaluation (python -m decode) ----------------------------------------------------
+
+def run(cfg, out_dir: Path, print_text=None) -> dict:
+    """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
+    questions, interleaved per question so machine noise hits every method alike; write answers and
+    the summary into out_dir; return the summary (the JSON line the entry point prints)."""
+    from decode.decoder import METHODS, Decoder, resolve_base_model
+    from heads import load_base
+
+    methods = [cfg.method] + [m for m in (cfg.compare or []) if m != cfg.method]
+    methods = ["ar"] + [m for m in methods if m != "ar"]  # the baseline first
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method '{m}': use one of {', '.join(METHODS)}")
+    if cfg.prompt:
+        questions = [{"question_id": 0, "category": "prompt", "turns": [str(cfg.prompt)]}]
+    elif cfg.prompts:
+        questions = read_questions(cfg.prompts, cfg.limit)
+    else:
+        raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=cfg.device)
+    kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
+                  threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
+                  device=cfg.device)
+    decoders = {}
+    try:
+        head = None
+        for m in methods:
+            decoders[m] = Decoder(m, cfg.head_path if m != "ar" else None, head=head, **kwargs)
+            head = head or decoders[m].head
+        if cfg.warmup:  # first calls allocate; keep that out of the timings
+            warm_ids = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
+            for dec in decoders.values():
+                dec.generate(warm_ids, min(8, cfg.max_new_tokens), temperature=cfg.temperature, seed=cfg.seed)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model_id = cfg.model_id or Path(base.name).name
+        files = {m: open(out_dir / f"answers_{m}.jsonl", "w") for m in methods}
+        gens_by_method, cats_by_method = defaultdict(list), defaultdict(list)
+        mismatches = []
+        try:
+            for qi, question in enumerate(questions):
+                tokens_by_method = {}
+                for m in methods:
+                    show = print_text if (print_text and m == cfg.method) else None
+                    choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
+                                          seed=cfg.seed, on_text=show)
+                    files[m].write(json.dumps(answer_record(question, choice, model_id, m)) + "\n")
+                    files[m].flush()
+                    gens_by_method[m] += gens
+                    cats_by_method[m] += [question["category"]] * len(gens)
+                    tokens_by_method[m] = [g.tokens for g in gens]
+                for m in methods[1:]:
+                    for turn, (mine, ref) in enumerate(zip(tokens_by_method[m], tokens_by_method["ar"])):
+                        if mine != ref:
+                            first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+                            mismatches.append({"method": m, "question_id": question["question_id"], "turn": turn,
+                                               "first_diff_token": first})
+        finally:
+            for f in files.values():
+                f.close()
+    finally:
+        for dec in decoders.values():
+            dec.close()
+    summary = summarize(cfg.method, gens_by_method, cats_by_method, cfg.gamma)
+    figs = summary["figures"]
+    main = figs[cfg.method]
+    exit_layer = next((d.exit_layer for d in decoders.values() if d.exit_layer is not None), None)
+    result = {
+        "method": cfg.method,
+        "stages": decoders[cfg.method].stages if cfg.method == "ppsd" else 1,
+        "stage_layers": [[r.start, r.stop] for r in decoders["ppsd"].layout] if "ppsd" in decoders else None,
+        "exit_layer": exit_layer,
+        "model": base.name,
+        "head_path": cfg.head_path,
+        "dtype": str(cfg.dtype),
+        "temperature": cfg.temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+        "questions": len(questions),
+        "acceptance_rate": main["acceptance_rate"],
+        "mean_accepted_length": main["mean_accepted_length"],
+        "tokens_per_s": main["tokens_per_s"],
+        "speedup_vs_ar": main["speedup_vs_ar"],
+        "predicted_speedup": main["predicted_speedup"],
+        "measured_over_predicted": main["measured_over_predicted"],
+        "lossless": not mismatches if cfg.temperature <= 0 else None,
+        "mismatches": mismatches[:20],
+        "fastest_method": summary["fastest_method"],
+        "compare": {m: figs[m] for m in methods if m != cfg.method},
+        "figures": figs[cfg.method],
+        "out_dir": str(out_dir),
+    }
+    result = round_floats(result)
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,509 @@
+"""The PPSD pipeline over torch.distributed: messages, the verify-stage worker loop, stage layout,
+and rank 0's handle on the other stages (spawned processes on one machine, or torchrun ranks).
+
+Rank 0 is stage 0 (embedding + layers [0, E) + exit head: the draft loop in decode/ppsd.py).
+Rank i >= 1 holds layers stage_layers[i]; the last rank also the final norm + LM head and verifies.
+
+Messages are point-to-point (isend/irecv): a fixed int64 header, then payload tensors whose shape the
+header implies. Work flows 0 -> 1 -> ... -> S-1; verdicts (one per fresh position) flow S-1 -> 0.
+Every work message carries (epoch, position): an epoch changes on each flush (a rejected draft) and
+each new request, so a stage drops stale work instead of waiting for it, and crops its KV cache to
+the position of the first message of a newer epoch. Rank 0 waits on every receive with a deadline;
+a dead peer closes its sockets (gloo reports it at once), a hung one trips the deadline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from decode.common import positions, verify, make_generator
+from decode import theory
+from heads.errors import UserError
+
+# message kinds
+WORK, BEGIN, END, STOP, VERDICT, DONE, STATS, PING, PONG, READY, LAYOUT = range(1, 12)
+HAS_Q = 1  # WORK flag: the draft distribution q follows (sampling), sent straight from rank 0 to the last stage
+MAX_PENDING_SENDS = 64
+
+
+class PipelineError(RuntimeError):
+    """A stage died, hung or broke the protocol: one line, the pipeline is unusable afterwards."""
+
+
+@dataclass
+class Header:
+    kind: int
+    epoch: int = 0
+    pos: int = 0      # first position of a WORK chunk; the verified position of a VERDICT
+    n: int = 0        # positions in a WORK chunk
+    token: int = 0    # WORK: the draft for the token after the chunk; VERDICT: the model's token
+    flag: int = 0     # WORK: HAS_Q; VERDICT: 1 = draft accepted
+    a: int = 0        # BEGIN: seed
+    b: int = 0        # BEGIN: temperature (float64 bits)
+
+    def tensor(self, device) -> torch.Tensor:
+        return torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.int64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "Header":
+        return cls(*t.tolist())
+
+
+def float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64))
+
+
+def bits_float(i: int) -> float:
+    return float(torch.tensor([i], dtype=torch.int64).view(torch.float64))
+
+
+# ---- per-stage timing ---------------------------------------------------------------------------
+
+STAT_KEYS = ("positions", "compute_s", "prefill_s", "send_s", "blocked_s", "bubble_s", "wall_s", "cpu_s", "dropped",
+             "flushes")
+
+
+@dataclass
+class StageStats:
+    """One stage's timing over one request (sums; `summary` turns them into per-position figures)."""
+
+    positions: float = 0   # single positions computed (prefill chunks are counted in prefill_s only)
+    compute_s: float = 0   # wall time computing those positions
+    prefill_s: float = 0
+    send_s: float = 0      # time inside sends (posting + waiting for back-pressure)
+    blocked_s: float = 0   # time waiting in receives
+    bubble_s: float = 0    # of that, waiting for fresh work right after a flush
+    wall_s: float = 0      # request start to end as this stage saw it
+    cpu_s: float = 0       # thread CPU time while computing: < compute_s means the core was taken away
+    dropped: float = 0     # stale positions received and dropped unprocessed
+    flushes: float = 0
+
+    def tensor(self) -> torch.Tensor:
+        return torch.tensor([getattr(self, k) for k in STAT_KEYS], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "StageStats":
+        return cls(*t.tolist())
+
+    def summary(self, layers: range) -> dict:
+        n = max(self.positions, 1)
+        busy = self.compute_s + self.prefill_s + self.send_s
+        return {
+            "layers": [layers.start, layers.stop],
+            "positions": int(self.positions),
+            "compute_s": self.compute_s / n,          # per position
+            "send_s": self.send_s / n,                # per position (includes the prefill's send)
+            "busy_fraction": busy / self.wall_s if self.wall_s else 0.0,
+            "blocked_s": self.blocked_s,              # total over the request
+            "bubble_s": self.bubble_s,                # total over the request
+            "prefill_s": self.prefill_s,
+            "dropped": int(self.dropped),
+            "flushes": int(self.flushes),
+            "contention": max(0.0, 1 - self.cpu_s / self.compute_s) if self.compute_s else 0.0,
+        }
+
+
+# ---- stage layout -------------------------------------------------------------------------------
+
+def split_layers(num_layers: int, exit_layer: int, stages: int, layer_costs=None, lm_head_cost: float = 0.0,
+                 stage_layers=None) -> list[range]:
+    """Stage 0 = [0, E); layers [E, N) over stages 1..S-1: `stage_layers` as given (the verify stages'
+    [start, end) pairs, optionally with [0, E) first), else balanced by cost (theory.balanced_split:
+    uniform layers unless `layer_costs`, the LM head's cost on the last stage)."""
+    if stages < 2:
+        raise UserError(f"stages={stages}: ppsd needs at least 2 stages (stage 0 drafts, the others verify)")
+    if not 1 <= exit_layer < num_layers:
+        raise UserError(f"exit_layer={exit_layer} is outside 1..{num_layers - 1}")
+    if stages - 1 > num_layers - exit_layer:
+        raise UserError(f"stages={stages} leaves a stage empty: exit layer {exit_layer} of {num_layers} leaves "
+                        f"{num_layers - exit_layer} layers for {stages - 1} verify stages; use stages<={num_layers - exit_layer + 1}")
+    if stage_layers is not None:
+        pairs = [tuple(int(x) for x in p) for p in stage_layers]
+        if pairs and pairs[0] == (0, exit_layer) and len(pairs) == stages:
+            pairs = pairs[1:]
+        bounds_ok = (len(pairs) == stages - 1 and pairs[0][0] == exit_layer and pairs[-1][1] == num_layers
+                     and all(a < b for a, b in pairs) and all(b == c for (_, b), (c, _) in zip(pairs, pairs[1:])))
+        if not bounds_ok:
+            raise UserError(f"stage_layers={[list(p) for p in pairs]} must be {stages - 1} contiguous non-empty "
+                            f"[start, end) ranges covering [{exit_layer}, {num_layers})")
+        return [range(0, exit_layer)] + [range(a, b) for a, b in pairs]
+    costs = [1.0] * num_layers if layer_costs is None else list(layer_costs)
+    split = theory.balanced_split(costs, num_layers, exit_layer, stages, lm_head_s=lm_head_cost)
+    return [range(a, b) for a, b in split]
+
+
+@torch.inference_mode()
+def measure_costs(base, repeats: int = 7) -> tuple[float, float]:
+    """(one decoder layer, final norm + LM head) for one position with a short KV cache, seconds (median)."""
+    layer = base.loaded_layers.start
+    r = base.range(layer, layer + 1)
+    h = torch.randn(1, 16, base.hidden_size, dtype=base.dtype, device=base.device)
+    r.forward(h, positions(0, 16, base.device))
+    x = h[:, :1]
+    layer_t, head_t = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        r.forward(x, positions(16 + i, 1, base.device))
+        t1 = time.perf_counter()
+        base.logits(x)
+        t2 = time.perf_counter()
+        layer_t.append(t1 - t0), head_t.append(t2 - t1)
+    return sorted(layer_t)[repeats // 2], sorted(head_t)[repeats // 2]
+
+
+# ---- point-to-point messages --------------------------------------------------------------------
+
+class Link:
+    """One rank's sends (kept alive until complete) and receives (each with a deadline)."""
+
+    def __init__(self, rank: int, device, timeout_s: float, describe=None):
+        self.rank = rank
+        self.device = torch.device(device)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.pending: deque = deque()
+        self.send_s = 0.0
+        self.describe = describe or (lambda src: f"stage {src}")
+
+    def send(self, dst: int, header: Header, *payload: torch.Tensor) -> None:
+        start = time.perf_counter()
+        tensors = [header.tensor(self.device)] + [t.contiguous() for t in payload]
+        try:
+            works = [dist.isend(t, dst) for t in tensors]
+            self.pending.append((dst, works, tensors))
+            while len(self.pending) > MAX_PENDING_SENDS:
+                self._finish_oldest()
+        except RuntimeError as e:
+            raise self._error(dst, e) from None
+        self.send_s += time.perf_counter() - start
+
+    def _finish_oldest(self) -> None:
+        dst, works, _ = self.pending.popleft()
+        try:
+            for w in works:
+                w.wait(self.timeout)
+        except RuntimeError as e:
+            raise self._error(dst, e) from None
+
+    def finish_sends(self) -> None:
+        while self.pending:
+            self._finish_oldest()
+
+    def recv(self, src: int, shape, dtype, timeout: float | None = None) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            dist.irecv(t, src).wait(self.timeout if timeout is None else datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise self._error(src, e) from None
+        return t
+
+    def recv_header(self, src: int, timeout: float | None = None) -> Header:
+        return Header.from_tensor(self.recv(src, (len(fields(Header)),), torch.int64, timeout))
+
+    def _error(self, peer: int, e: Exception) -> PipelineError:
+        text = str(e)
+        if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
+            why = "closed its connection (it crashed or exited)"
+        elif "Timed out" in text or "timeout" in text.lower():
+            why = f"did not answer within {self.timeout.total_seconds():g} s (hung or dead)"
+        else:
+            why = f"failed: {text.splitlines()[0][:200]}"
+        return PipelineError(f"ppsd pipeline: {self.describe(peer)} {why}")
+
+
+# ---- the verify-stage worker (ranks 1..S-1) -----------------------------------------------------
+
+def serve(rank: int, world: int, spec: dict) -> None:
+    """Load this stage's layers and process messages until STOP (ranks >= 1)."""
+    from heads import load_base
+
+    torch.set_num_threads(spec.get("threads", 1))
+    layers = range(*spec["layers"])
+    last = rank == world - 1
+    base = load_base(spec["model_path"], dtype=spec["dtype"], device=spec.get("device", "cpu"), layers=layers,
+                     embedding=False, lm_head=last)
+    stage = base.range(layers.start, layers.stop)
+    link = Link(rank, spec.get("comm_device", "cpu"), spec["worker_timeout_s"])
+    prev, nxt = rank - 1, rank + 1
+    link.send(0, Header(READY))
+    epoch, temperature, rng = -1, 0.0, None
+    stats, begin_t, flushed_at = StageStats(), 0.0, None
+    with torch.inference_mode():
+        while True:
+            t0 = time.perf_counter()
+            h = link.recv_header(prev)
+            if h.kind == STOP:
+                if not last:
+                    link.send(nxt, h)
+                link.finish_sends()
+                return
+            if h.kind in (BEGIN, END, PING) and not last:
+                link.send(nxt, h)
+            if h.kind == BEGIN:
+                epoch, temperature = h.epoch, bits_float(h.b)
+                rng = make_generator(h.a + 1)
+                stage.reset()
+                stats, begin_t, flushed_at = StageStats(), time.perf_counter(), None
+                link.send_s = 0.0
+                continue
+            if h.kind == END:
+                stats.wall_s = time.perf_counter() - begin_t
+                stats.send_s = link.send_s
+                link.send(0, Header(DONE if last else STATS, epoch=epoch), stats.tensor())
+                continue
+            if h.kind == PING:
+                if last:
+                    link.send(0, Header(PONG))
+                continue
+            if h.kind != WORK:
+                raise PipelineError(f"stage {rank}: unexpected message kind {h.kind}")
+            hidden = link.recv(prev, (1, h.n, base.hidden_size), base.dtype)
+            q = link.recv(0, (base.vocab_size,), torch.float32) if h.flag & HAS_Q else None
+            arrived = time.perf_counter()
+            stats.blocked_s += arrived - t0
+            if h.epoch < epoch:  # stale: a flush happened after it was sent (only the last stage knows early)
+                stats.dropped += h.n
+                continue
+            if h.epoch > epoch:  # a newer epoch: what came before it is gone
+                if not last:
+                    stats.bubble_s += arrived - t0
+                epoch = h.epoch
+            if flushed_at is not None:
+                stats.bubble_s += arrived - flushed_at
+                flushed_at = None
+            if stage.length > h.pos:
+                stage.crop(h.pos)
+            if stage.length != h.pos:
+                raise PipelineError(f"stage {rank}: got position {h.pos} but holds {stage.length} (protocol bug)")
+            c0, cpu0 = time.perf_counter(), time.thread_time()
+            out = stage.forward(hidden.to(base.device), positions(h.pos, h.n, base.device))
+            if last:
+                token, ok = verify(base.logits(out[:, -1:])[0, -1], h.token, q, temperature, rng)
+            c1 = time.perf_counter()
+            if h.n == 1:
+                stats.positions += 1
+                stats.compute_s += c1 - c0
+                stats.cpu_s += time.thread_time() - cpu0
+            else:
+                stats.prefill_s += c1 - c0
+            if not last:
+                link.send(nxt, Header(WORK, h.epoch, h.pos, h.n, h.token, h.flag), out.to(link.device))
+                continue
+            link.send(0, Header(VERDICT, epoch, h.pos + h.n - 1, 0, token, int(ok)))
+            if not ok:  # flush: everything in flight is stale; stage 0 restarts after this position
+                epoch += 1
+                stats.flushes += 1
+                flushed_at = time.perf_counter()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Spawned workers die with their driver: nothing is left orphaned."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(3)
+
+
+def _spawned_worker(rank: int, world: int, port: int, spec: dict, parent_pid: int) -> None:
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    code = 0
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=spec["worker_timeout_s"]))
+        serve(rank, world, spec)
+    except (PipelineError, UserError) as e:
+        print(f"error: stage {rank}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except Exception as e:  # one line, never a traceback wall from a child process
+        print(f"error: stage {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr,
+              flush=True)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+    os._exit(code)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- rank 0's handle on the verify stages -------------------------------------------------------
+
+class Pipeline:
+    """Stages 1..S-1 as seen from rank 0: start them (spawn, or adopt torchrun ranks), run requests, stop.
+
+    spawn=True starts S-1 processes on this machine (gloo) once and reuses them for every request.
+    spawn=False expects torch.distributed to be initialised already with world size S (torchrun):
+    the other ranks run `serve_torchrun`.
+    """
+
+    def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
+                 timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
+                 device: str = "cpu", vocab_size: int, hidden_size: int):
+        self.layout, self.stages = layout, len(layout)
+        self.last = self.stages - 1
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.processes: list = []
+        self.epoch = 0
+        self.closed = False
+        self.owns_group = spawn
+        comm_device = "cpu"
+        spec = {"model_path": model_path, "dtype": dtype, "threads": stage_threads, "device": device,
+                "comm_device": comm_device, "worker_timeout_s": worker_timeout_s}
+        if spawn:
+            import torch.multiprocessing as mp
+
+            if dist.is_initialized():
+                raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
+                                "launch with torchrun instead, or from a plain process")
+            port = _free_port()
+            ctx = mp.get_context("spawn")
+            for rank in range(1, self.stages):
+                p = ctx.Process(target=_spawned_worker, daemon=True,
+                                args=(rank, self.stages, port, spec | {"layers": (layout[rank].start, layout[rank].stop)},
+                                      os.getpid()))
+                p.start()
+                self.processes.append(p)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=self.stages,
+                                    timeout=datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s)))
+        else:
+            if dist.get_world_size() != self.stages:
+                raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
+                                f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
+        self.link = Link(0, comm_device, timeout_s, describe=self._describe)
+        if not spawn:
+            for rank in range(1, self.stages):
+                self.link.send(rank, Header(LAYOUT, pos=layout[rank].start, n=layout[rank].stop))
+        for rank in range(1, self.stages):  # weights loaded
+            self._expect(self.link.recv_header(rank, timeout=load_timeout_s), READY)
+        self.feedback_s = self.measure_feedback()
+
+    def _describe(self, rank: int) -> str:
+        text = f"stage {rank} (layers {self.layout[rank].start}-{self.layout[rank].stop - 1})"
+        if self.processes:
+            p = self.processes[rank - 1]
+            if not p.is_alive():
+                p.join(0.1)
+                text += f", pid {p.pid}, exit code {p.exitcode},"
+        return text
+
+    def _expect(self, header: Header, kind: int) -> Header:
+        if header.kind != kind:
+            raise PipelineError(f"ppsd pipeline: expected message kind {kind}, got {header.kind} (protocol bug)")
+        return header
+
+    def measure_feedback(self, rounds: int = 5) -> float:
+        """One hop's latency: a ping runs 0 -> 1 -> ... -> S-1 -> 0, i.e. S hops (median of `rounds`)."""
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            self.link.send(1, Header(PING))
+            self._expect(self.link.recv_header(self.last), PONG)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[rounds // 2] / self.stages
+
+    # one request --------------------------------------------------------------------------------
+    def begin(self, temperature: float, seed: int) -> int:
+        self.epoch += 1
+        self.link.send_s = 0.0
+        self.link.send(1, Header(BEGIN, epoch=self.epoch, a=seed, b=float_bits(temperature)))
+        return self.epoch
+
+    def send_work(self, epoch: int, pos: int, hidden: torch.Tensor, draft: int, q: torch.Tensor | None) -> None:
+        flag = HAS_Q if q is not None else 0
+        self.link.send(1, Header(WORK, epoch, pos, hidden.shape[1], draft, flag), hidden.to(self.link.device))
+        if q is not None:  # straight to the verifier: the middle stages never need it
+            self._send_q(q)
+
+    def _send_q(self, q: torch.Tensor) -> None:
+        start = time.perf_counter()
+        t = q.float().to(self.link.device).contiguous()
+        try:
+            self.link.pending.append((self.last, [dist.isend(t, self.last)], [t]))
+        except RuntimeError as e:
+            raise self.link._error(self.last, e) from None
+        self.link.send_s += time.perf_counter() - start
+
+    def recv_verdict(self) -> Header:
+        return self._expect(self.link.recv_header(self.last), VERDICT)
+
+    def end(self, epoch: int) -> list[StageStats]:
+        """Close the request: drop the verdicts still in flight, collect every stage's stats."""
+        self.link.send(1, Header(END, epoch=epoch))
+        while True:
+            h = self.link.recv_header(self.last)
+            if h.kind == DONE:
+                last_stats = StageStats.from_tensor(self.link.recv(self.last, (len(STAT_KEYS),), torch.float64))
+                break
+            self._expect(h, VERDICT)
+        self.epoch = max(self.epoch, epoch, h.epoch)
+        stats = []
+        for rank in range(1, self.last):
+            self._expect(self.link.recv_header(rank), STATS)
+            stats.append(StageStats.from_tensor(self.link.recv(rank, (len(STAT_KEYS),), torch.float64)))
+        self.link.finish_sends()
+        return stats + [last_stats]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every stage (a STOP message, then join; kill whatever does not exit in time)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.link.send(1, Header(STOP))
+            self.link.finish_sends()
+        except Exception:
+            pass
+        deadline = time.time() + timeout
+        for p in self.processes:
+            p.join(max(0.1, deadline - time.time()))
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+        if self.owns_group and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+    def kill(self) -> None:
+        """After an error: no messages, just make sure no stage outlives us."""
+        self.closed = True
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+        for p in self.processes:
+            p.join(2)
+        if self.owns_group and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def serve_torchrun(spec: dict) -> None:
+    """Ranks >= 1 under torchrun: receive the layout from rank 0, then serve until STOP."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    link = Link(rank, spec.get("comm_device", "cpu"), spec["worker_timeout_s"])
+    h = link.recv_header(0, timeout=spec.get("load_timeout_s", 3600))
+    if h.kind == STOP:
+        return
+    if h.kind != LAYOUT:
+        raise PipelineError(f"stage {rank}: expected the layout, got message kind {h.kind}")
+    serve(rank, world, spec | {"layers": (h.pos, h.n)})

@@ -1,0 +1,328 @@
+"""What speedup PPSD and EESD should reach, from per-stage costs (pure functions, no torch).
+
+Terms (see the design note): N decoder layers, exit layer E (the head reads the hidden state after
+layers [0, E)), S pipeline stages, α the acceptance rate, γ the EESD draft length, T_AR one AR step.
+
+PPSD: every output token costs one pipeline tick (the slowest stage) when its draft was accepted and
+the full latency of one position through every stage plus the feedback to stage 0 when it was not:
+
+    time per token = α·tick + (1 − α)·L,   tick = max_i τ_i,   L = Σ_i τ_i + feedback.
+
+EESD (draft γ tokens with the shallow model, verify γ + 1 positions with the full model):
+
+    time per token = (γ·draft + verify(γ + 1)) / E[tokens per round],   E[tokens] = (1 − α^{γ+1}) / (1 − α).
+
+The cost model (`stage_costs`) puts the embedding, layers [0, E), the exit head, the LM head (stage 0
+computes the draft token) and a send on stage 0; layers [E, N) split across stages 1..S−1, each with
+a send, and the final norm + LM head on the last stage. All times are seconds (any unit works, as long
+as it is the same everywhere).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+VerifyCost = Callable[[int], float] | Mapping[int, float]
+
+
+# --- PPSD ---------------------------------------------------------------------------------------
+
+def ppsd_tick(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None) -> float:
+    """Time between two accepted tokens: the slowest stage, or L / window when at most `window` positions
+    may be in flight (a position occupies the window for one full latency L, so W in flight give at most
+    W positions per L; with W = S that only binds when the feedback or an imbalance makes L > S·max τ)."""
+    if not stage_s:
+        raise ValueError("stage_s is empty: a pipeline has at least one stage")
+    tick = max(stage_s)
+    if window:
+        tick = max(tick, (sum(stage_s) + feedback_s) / window)
+    return tick
+
+
+def ppsd_time_per_token(alpha: float, stage_s: Sequence[float], feedback_s: float = 0.0,
+                        window: int | None = None) -> float:
+    """α·tick + (1 − α)·L with tick = max(stage_s) and L = sum(stage_s) + feedback_s.
+
+    window: the most positions in flight (None = unlimited); it can only raise the tick (`ppsd_tick`).
+    """
+    _check_alpha(alpha)
+    tick = ppsd_tick(stage_s, feedback_s, window)
+    latency = sum(stage_s) + feedback_s
+    return alpha * tick + (1 - alpha) * latency
+
+
+def ppsd_speedup(alpha: float, stage_s: Sequence[float], t_ar: float, feedback_s: float = 0.0,
+                 window: int | None = None) -> float:
+    """T_AR / PPSD time per token."""
+    return t_ar / ppsd_time_per_token(alpha, stage_s, feedback_s, window)
+
+
+def ideal_ppsd_speedup(alpha: float, num_layers: int, exit_layer: int) -> float:
+    """N / (αE + (1 − α)N): balanced stages of E layers, free head, LM head and communication.
+
+    1 at α = 0 (every token pays the whole model), N/E at α = 1 (one stage per token): the ceiling set by
+    the exit position.
+    """
+    _check_alpha(alpha)
+    if not 0 < exit_layer <= num_layers:
+        raise ValueError(f"exit_layer={exit_layer} must be in 1..{num_layers}")
+    return num_layers / (alpha * exit_layer + (1 - alpha) * num_layers)
+
+
+# --- EESD ---------------------------------------------------------------------------------------
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """(1 − α^{γ+1}) / (1 − α): accepted drafts plus the model's own token, i.i.d. acceptance (γ+1 at α=1)."""
+    _check_alpha(alpha)
+    if gamma < 0:
+        raise ValueError(f"gamma={gamma} must be >= 0")
+    if alpha == 1:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def verify_cost(verify_s: VerifyCost, positions: int) -> float:
+    """The cost of verifying `positions` positions: a callable, or a dict measured per position count."""
+    if callable(verify_s):
+        return float(verify_s(positions))
+    if positions not in verify_s:
+        raise ValueError(f"no verify cost for {positions} positions (have {sorted(verify_s)})")
+    return float(verify_s[positions])
+
+
+def eesd_time_per_token(alpha: float, gamma: int, draft_s: float, verify_s: VerifyCost) -> float:
+    """(γ·draft_s + verify_s(γ + 1)) / expected tokens per round."""
+    cost = gamma * draft_s + verify_cost(verify_s, gamma + 1)
+    return cost / expected_tokens_per_round(alpha, gamma)
+
+
+def eesd_speedup(alpha: float, gamma: int, draft_s: float, verify_s: VerifyCost, t_ar: float) -> float:
+    """T_AR / EESD time per token."""
+    return t_ar / eesd_time_per_token(alpha, gamma, draft_s, verify_s)
+
+
+def best_eesd_gamma(alpha: float, draft_s: float, verify_s: VerifyCost, t_ar: float,
+                    gammas: Sequence[int] = range(1, 9)) -> int:
+    """The draft length with the highest predicted EESD speedup (the smallest one on ties)."""
+    gammas = list(gammas)
+    if not gammas:
+        raise ValueError("gammas is empty")
+    return max(gammas, key=lambda g: (eesd_speedup(alpha, g, draft_s, verify_s, t_ar), -g))
+
+
+# --- the stage-cost model -----------------------------------------------------------------------
+
+def per_layer(layer_s: Sequence[float] | float, num_layers: int) -> list[float]:
+    """Per-layer costs: a single number means every layer costs the same."""
+    if isinstance(layer_s, (int, float)):
+        return [float(layer_s)] * num_layers
+    layer_s = [float(x) for x in layer_s]
+    if len(layer_s) != num_layers:
+        raise ValueError(f"layer_s has {len(layer_s)} costs but the model has {num_layers} layers")
+    return layer_s
+
+
+def stage_costs(layer_s: Sequence[float] | float, num_layers: int, exit_layer: int, stages: int,
+                head_s: float, lm_head_s: float, embed_s: float = 0.0, send_s: float = 0.0,
+                stage_layers: Sequence[tuple[int, int]] | None = None) -> list[float]:
+    """τ_i for each stage, one position each.
+
+    Stage 0: embedding + layers [0, E) + exit head + LM head (it computes the draft token) + send.
+    Middle stages: their layers + send. Last stage: its layers + final norm/LM head (its verified token
+    goes back to stage 0; that feedback is `feedback_s` of `ppsd_time_per_token`, not counted here).
+    `stage_layers` = one (start, end) per stage; default `balanced_split`.
+    """
+    layers = per_layer(layer_s, num_layers)
+    if stage_layers is None:
+        stage_layers = balanced_split(layers, num_layers, exit_layer, stages, lm_head_s=lm_head_s, send_s=send_s)
+    _check_split(stage_layers, num_layers, exit_layer, stages)
+    costs = []
+    for i, (start, end) in enumerate(stage_layers):
+        cost = sum(layers[start:end])
+        if i == 0:
+            cost += embed_s + head_s + lm_head_s
+        if i == stages - 1:
+            cost += lm_head_s
+        else:
+            cost += send_s
+        costs.append(cost)
+    return costs
+
+
+def balanced_split(layer_s: Sequence[float] | float, num_layers: int, exit_layer: int, stages: int,
+                   lm_head_s: float = 0.0, send_s: float = 0.0) -> list[tuple[int, int]]:
+    """Stage 0 = [0, E); layers [E, N) split into S − 1 contiguous ranges minimising the slowest stage.
+
+    The slowest-stage cost counts what `stage_costs` counts on stages 1..S−1 (a send on every stage but
+    the last, the LM head on the last), so with equal layers the extra layers go to the earlier stages.
+    This is the split every PPSD stage layout uses (decode/ takes it from here).
+    """
+    layers = per_layer(layer_s, num_layers)
+    if stages < 2:
+        raise ValueError(f"stages={stages}: a PPSD pipeline has at least 2 stages (stage 0 drafts, the rest verify)")
+    if not 1 <= exit_layer <= num_layers - (stages - 1):
+        raise ValueError(f"exit_layer={exit_layer} leaves {num_layers - exit_layer} layers for {stages - 1} "
+                         f"verify stages: pick exit_layer in 1..{num_layers - (stages - 1)}")
+    rest = stages - 1
+    prefix = [0.0]
+    for x in layers:
+        prefix.append(prefix[-1] + x)
+
+    def cost(start: int, end: int, last: bool) -> float:
+        return prefix[end] - prefix[start] + (lm_head_s if last else send_s)
+
+    # best[k][j] = (slowest stage, cut points) splitting layers [j, N) into k stages.
+    n = num_layers
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    for j in range(exit_layer, n):
+        best[1, j] = (cost(j, n, True), [])
+    for k in range(2, rest + 1):
+        for j in range(exit_layer, n - k + 1):
+            options = []
+            for cut in range(j + 1, n - k + 2):
+                tail, cuts = best[k - 1, cut]
+                # ties: prefer the later cut (earlier stages get the extra layer, the last one has the LM head)
+                options.append((max(cost(j, cut, False), tail), -cut, [cut] + cuts))
+            slowest, _, cuts = min(options, key=lambda o: (o[0], o[1]))
+            best[k, j] = (slowest, cuts)
+    bounds = [0, exit_layer] + best[rest, exit_layer][1] + [n]
+    return [(bounds[i], bounds[i + 1]) for i in range(stages)]
+
+
+def balanced_exit_layer(layer_s: Sequence[float] | float, num_layers: int, stages: int, head_s: float,
+                        lm_head_s: float, embed_s: float = 0.0, send_s: float = 0.0) -> int:
+    """The exit layer for which stage 0 balances the verify stages: the smallest tick, the deepest E on ties.
+
+    (Deeper exits accept more drafts, so among equally fast layouts the deepest is the one to use.)
+    """
+    def tick(e: int) -> float:
+        return max(stage_costs(layer_s, num_layers, e, stages, head_s, lm_head_s, embed_s, send_s))
+
+    candidates = range(1, num_layers - (stages - 1) + 1)
+    return min(candidates, key=lambda e: (round(tick(e), 12), -e))
+
+
+def ar_time_per_token(layer_s: Sequence[float] | float, num_layers: int, lm_head_s: float, embed_s: float = 0.0) -> float:
+    """One AR step on one device: embedding + every layer + final norm/LM head."""
+    return embed_s + sum(per_layer(layer_s, num_layers)) + lm_head_s
+
+
+def tp_ar_time_per_token(layer_s: Sequence[float] | float, num_layers: int, lm_head_s: float, devices: int,
+                         allreduce_s: float, embed_s: float = 0.0) -> float:
+    """AR tensor-parallel over `devices` (the fair baseline for S GPUs): every weight matrix split S ways, so
+    the memory-bound compute divides by S, plus two all-reduces per layer (attention and MLP outputs) and
+    one for the vocab-split LM head, each a latency-bound `allreduce_s`."""
+    compute = ar_time_per_token(layer_s, num_layers, lm_head_s, embed_s) / devices
+    return compute + (2 * num_layers + 1) * allreduce_s if devices > 1 else compute
+
+
+# --- the prediction table -----------------------------------------------------------------------
+
+def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: float, lm_head_s: float, send_s: float,
+                  alphas: Sequence[float], stages_list: Sequence[int] = range(2, 9),
+                  exit_layers: int | Sequence[int] | Mapping[int, int] | None = None, *,
+                  embed_s: float = 0.0, feedback_s: float | None = None, verify_batch_slope: float = 0.0,
+                  gammas: Sequence[int] = range(1, 9), window: int | None = None,
+                  allreduce_s: float | None = None) -> list[dict]:
+    """Predicted PPSD and EESD speedups over single-device AR, one row per (stages, α).
+
+    exit_layers: one E for all, one per entry of stages_list, {stages: E}, or None (`balanced_exit_layer`).
+    feedback_s: last stage -> stage 0 (default one `send_s`). window: positions in flight (default S, what
+    the decoder keeps in flight; see `ppsd_tick`).
+    EESD uses the same exit layer and head: a draft costs embedding + [0, E) + head + LM head; verifying k
+    positions costs one full-model step scaled by (1 + verify_batch_slope·(k − 1)) (0 = memory-bound:
+    k ≤ 9 positions cost what one does, the batch-1 GPU case). Its γ is the best of `gammas` per row.
+    allreduce_s: also compare with AR tensor-parallel over the same S devices (`tp_ar_time_per_token`):
+    rows get t_ar_tp_s and ppsd_speedup_vs_tp.
+    Each row: stages, exit_layer, alpha, stage_s, tick_s, latency_s, t_ar_s, ppsd_time_s, ppsd_speedup,
+    ideal_speedup (N/(αE+(1−α)N)), ceiling (N/E), real_ceiling (T_AR/tick), eesd_gamma, eesd_speedup.
+    """
+    layers = per_layer(layer_s, num_layers)
+    feedback_s = send_s if feedback_s is None else feedback_s
+    t_ar = ar_time_per_token(layers, num_layers, lm_head_s, embed_s)
+    rows = []
+    for index, stages in enumerate(stages_list):
+        if exit_layers is None:
+            exit_layer = balanced_exit_layer(layers, num_layers, stages, head_s, lm_head_s, embed_s, send_s)
+        elif isinstance(exit_layers, int):
+            exit_layer = exit_layers
+        elif isinstance(exit_layers, Mapping):
+            exit_layer = exit_layers[stages]
+        else:
+            exit_layer = exit_layers[index]
+        stage_s = stage_costs(layers, num_layers, exit_layer, stages, head_s, lm_head_s, embed_s, send_s)
+        draft_s = embed_s + sum(layers[:exit_layer]) + head_s + lm_head_s
+
+        def verify_s(k: int) -> float:
+            return t_ar * (1 + verify_batch_slope * (k - 1))
+
+        for alpha in alphas:
+            gamma = best_eesd_gamma(alpha, draft_s, verify_s, t_ar, gammas)
+            rows.append({
+                "stages": stages, "exit_layer": exit_layer, "alpha": alpha, "stage_s": stage_s,
+                "tick_s": ppsd_tick(stage_s, feedback_s, window or stages), "latency_s": sum(stage_s) + feedback_s,
+                "t_ar_s": t_ar, "ppsd_time_s": ppsd_time_per_token(alpha, stage_s, feedback_s, window or stages),
+                "ppsd_speedup": ppsd_speedup(alpha, stage_s, t_ar, feedback_s, window or stages),
+                "ideal_speedup": ideal_ppsd_speedup(alpha, num_layers, exit_layer),
+                "ceiling": num_layers / exit_layer,
+                "real_ceiling": t_ar / ppsd_tick(stage_s, feedback_s, window or stages),
+                "eesd_gamma": gamma, "eesd_speedup": eesd_speedup(alpha, gamma, draft_s, verify_s, t_ar),
+            })
+            if allreduce_s is not None:
+                t_tp = tp_ar_time_per_token(layers, num_layers, lm_head_s, stages, allreduce_s, embed_s)
+                rows[-1] |= {"t_ar_tp_s": t_tp, "ppsd_speedup_vs_tp": t_tp / rows[-1]["ppsd_time_s"]}
+    return rows
+
+
+def format_tp_table(rows: Sequence[dict]) -> str:
+    """A Markdown table of PPSD's speedup over AR tensor-parallel on the same S devices (rows need allreduce_s)."""
+    alphas = sorted({r["alpha"] for r in rows})
+    by_stages: dict[int, dict[float, dict]] = {}
+    for r in rows:
+        by_stages.setdefault(r["stages"], {})[r["alpha"]] = r
+    head = ["S", "E", "TP-AR ms"] + [f"α={a:g}" for a in alphas]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stages, per_alpha in by_stages.items():
+        first = next(iter(per_alpha.values()))
+        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}"]
+        cells += [f"{per_alpha[a]['ppsd_speedup_vs_tp']:.2f}×" if a in per_alpha else "" for a in alphas]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A Markdown table: one line per stage count, PPSD (EESD) speedup per α, and the ceilings."""
+    alphas = sorted({r["alpha"] for r in rows})
+    by_stages: dict[int, dict[float, dict]] = {}
+    for r in rows:
+        by_stages.setdefault(r["stages"], {})[r["alpha"]] = r
+    head = ["S", "E", "tick ms", "L ms"] + [f"α={a:g} PPSD (ideal) / EESD γ" for a in alphas] + ["N/E", "T_AR/tick"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stages, per_alpha in by_stages.items():
+        first = next(iter(per_alpha.values()))
+        cells = [str(stages), str(first["exit_layer"]), f"{first['tick_s'] * 1e3:.3f}", f"{first['latency_s'] * 1e3:.3f}"]
+        for a in alphas:
+            r = per_alpha.get(a)
+            cells.append("" if r is None else
+                         f"{r['ppsd_speedup']:.2f}× ({r['ideal_speedup']:.2f}) / {r['eesd_speedup']:.2f}× γ={r['eesd_gamma']}")
+        cells += [f"{first['ceiling']:.2f}", f"{first['real_ceiling']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 <= alpha <= 1 or math.isnan(alpha):
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+
+
+def _check_split(stage_layers: Sequence[tuple[int, int]], num_layers: int, exit_layer: int, stages: int) -> None:
+    if len(stage_layers) != stages:
+        raise ValueError(f"stage_layers has {len(stage_layers)} ranges for {stages} stages")
+    if stage_layers[0] != (0, exit_layer) and tuple(stage_layers[0]) != (0, exit_layer):
+        raise ValueError(f"stage 0 must hold layers [0, {exit_layer}), got {tuple(stage_layers[0])}")
+    for (a, b), (c, _) in zip(stage_layers, stage_layers[1:]):
+        if b != c or a >= b:
+            raise ValueError(f"stage_layers {list(stage_layers)} are not contiguous non-empty ranges")
+    if stage_layers[-1][1] != num_layers or stage_layers[-1][0] >= num_layers:
+        raise ValueError(f"the last stage must end at layer {num_layers}")

@@ -1,0 +1,226 @@
+"""Publish a head folder: the model card, a local copy, and the push to the Hugging Face Hub.
+
+A published head is the same three files `ExitHead.save_pretrained` writes (config.json,
+model.safetensors, README.md). What export adds is the measured side: the decode/sweep result the
+user passes in goes into `config.json` as `metadata.measured` (so a later export of the same folder
+keeps it) and into a model card that says, at a glance, what the head is, how it was trained, what it
+accepts on held-out text and how fast it decoded on which hardware, and how to load and decode with it.
+The upload itself is a thin call into huggingface_hub (create_repo + upload_folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from heads.errors import UserError
+from heads.head import read_head_config
+
+HEAD_FILES = ("config.json", "model.safetensors")
+TAGS = ["ppsd", "early-exit", "self-speculative-decoding", "speculative-decoding"]
+
+# The fields of a measurement that the card shows and config.json keeps (anything else is dropped).
+MEASURED_FIELDS = ("method", "stages", "gamma", "speedup_vs_ar", "acceptance_rate", "tokens_per_s",
+                   "ar_tokens_per_s", "predicted_speedup", "lossless", "ppsd_speedup", "eesd_speedup",
+                   "eesd_gamma", "hardware", "prompts", "limit", "max_new_tokens", "dtype", "measured_at")
+
+
+def measured_from_results(results: dict, config: dict) -> dict:
+    """The measurement of this head in a sweep results.json, one sweep row, or one decode result JSON.
+
+    A sweep table holds many heads: the row with this head's exit layer and type is used (its best
+    method). A decode result is taken as is (it measured whatever head it was given).
+    """
+    if "candidates" in results:  # a sweep's results.json
+        rows = [r for r in results["candidates"]
+                if r.get("exit_layer") == config["exit_layer"] and r.get("head") == config["head_type"]]
+        if not rows:
+            raise UserError(f"the results file has no row for a {config['head_type']} head at exit layer "
+                            f"{config['exit_layer']}: pass the results of a sweep or decode run that measured this head")
+        row = max(rows, key=lambda r: r.get("best_speedup") or 0.0)
+        return measured_from_results(row | {"hardware": row.get("hardware") or results.get("hardware"),
+                                            **{k: results.get(k) for k in ("prompts", "limit", "max_new_tokens")
+                                               if row.get(k) is None and k in results}}, config)
+    if "best_speedup" in results:  # one sweep row
+        method = results.get("best_method")
+        eesd = method == "eesd"
+        speed = {"method": method, "speedup_vs_ar": results.get("best_speedup"),
+                 "stages": None if eesd else results.get("stages"), "gamma": results.get("eesd_gamma") if eesd else None,
+                 "acceptance_rate": results.get("eesd_acceptance_rate" if eesd else "acceptance_rate"),
+                 "tokens_per_s": results.get(f"{method}_tokens_per_s"),
+                 "predicted_speedup": results.get(f"{method}_predicted_speedup"),
+                 "ar_tokens_per_s": results.get("ar_tokens_per_s")}
+        return _keep(results | speed)
+    if "speedup_vs_ar" in results:  # one decode result
+        exit_layer = results.get("exit_layer")
+        if exit_layer is not None and exit_layer != config["exit_layer"]:
+            raise UserError(f"the results file measured exit layer {exit_layer} but the head exits at "
+                            f"{config['exit_layer']}: pass the results of a run that used this head")
+        ar = (results.get("compare") or {}).get("ar") or {}
+        return _keep(results | {"ar_tokens_per_s": results.get("ar_tokens_per_s", ar.get("tokens_per_s"))})
+    raise UserError("the results file is neither a sweep results.json nor a `python -m decode` result: "
+                    "pass results=<sweep folder>/results.json or a saved decode JSON line")
+
+
+def _keep(measured: dict) -> dict:
+    return {k: measured[k] for k in MEASURED_FIELDS if measured.get(k) is not None}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return "`" + json.dumps(value, sort_keys=True) + "`"
+    return str(value)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"training": {"lr": 1}} -> {"training.lr": 1}, for a flat settings table."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _find(metadata: dict, *names: str):
+    """The first of `names` anywhere in (nested) metadata."""
+    stack = [metadata]
+    while stack:
+        node = stack.pop(0)
+        for name in names:
+            if name in node:
+                return node[name]
+        stack += [v for v in node.values() if isinstance(v, dict)]
+    return None
+
+
+def _load_name(base_model: str) -> str:
+    """What to pass to load_base: the embedded copy's name when the base is one (works offline)."""
+    from heads.base import EMBEDDED_MODELS
+
+    return next((name for name, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == base_model), base_model)
+
+
+def model_card(config: dict, repo_id: str | None = None) -> str:
+    """README.md (YAML metadata + Markdown) for a head with this config.json."""
+    metadata = dict(config.get("metadata") or {})
+    measured = metadata.pop("measured", None) or {}
+    base_model = config["base_model"]
+    num_layers = config["base_config"].get("num_hidden_layers")
+    revision = config.get("base_revision")
+    where = repo_id or "path/to/this/folder"
+    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None and not Path(base_model).exists()
+    card_data = ModelCardData(library_name="ppsd", tags=TAGS + [config["head_type"]],
+                              base_model=base_model if is_hub_id else None)
+
+    heldout = metadata.get("heldout") if isinstance(metadata.get("heldout"), dict) else {}
+    top1 = heldout.get("top1", _find(metadata, "heldout_top1"))
+    expected = heldout.get("expected_acceptance", _find(metadata, "heldout_expected_acceptance"))
+    facts = [
+        ("Base model", f"`{base_model}`" + (f" (revision `{revision}`)" if revision else "")),
+        ("Exit layer", f"{config['exit_layer']} of {num_layers} (the head reads the hidden state after layers [0, {config['exit_layer']}))"),
+        ("Head type", config["head_type"] + (f" (hidden {config['mlp_hidden']})" if config["head_type"] == "mlp" and config.get("mlp_hidden") else "")),
+        ("Held-out top-1 agreement with the full model", _fmt(top1) if top1 is not None else "not recorded"),
+        ("Held-out expected acceptance", _fmt(expected) if expected is not None else "not recorded"),
+    ]
+    if measured:
+        how = measured.get("method", "?")
+        if how == "ppsd" and measured.get("stages"):
+            how += f", {measured['stages']} stages"
+        if how == "eesd" and (measured.get("gamma") or measured.get("eesd_gamma")):
+            how += f", γ={measured.get('gamma') or measured.get('eesd_gamma')}"
+        facts += [
+            ("Measured speedup over autoregressive decoding",
+             f"{measured['speedup_vs_ar']:.2f}× ({how})" if "speedup_vs_ar" in measured else "not recorded"),
+            ("Measured acceptance rate", _fmt(measured.get("acceptance_rate", "not recorded"))),
+            ("Measured on", measured.get("hardware", "unknown hardware")),
+        ]
+        if measured.get("prompts"):
+            facts.append(("Prompts", f"{measured['prompts']} (limit {measured.get('limit')}, "
+                                     f"{measured.get('max_new_tokens')} new tokens)"))
+    else:
+        facts.append(("Measured speedup", "not measured yet (export with results=<decode or sweep result JSON>)"))
+
+    lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`", "",
+             "An early-exit draft head for lossless self-speculative decoding with "
+             "[ppsd](https://github.com/ppsd/ppsd) (Pipeline-Parallel Self-Speculative Decoding, arXiv 2509.19368). "
+             "It predicts the base model's next token from an intermediate layer; the decoders check every draft "
+             "against the full model, so outputs are token-for-token identical to plain decoding.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in facts]
+    training = _flatten({k: v for k, v in metadata.items() if "heldout" not in k})
+    if training:
+        lines += ["", "## Training data and settings", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in training.items()]
+    if heldout:
+        lines += ["", "## Held-out evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(heldout).items()]
+    if measured:
+        lines += ["", "## Measurement", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in measured.items()]
+    lines += ["", "## How to use", "", "```python",
+              "from heads import load_base, load_head", "",
+              f'base = load_base("{_load_name(base_model)}")',
+              f'head = load_head("{where}", base)  # a hub id or a local folder',
+              "```", "", "Decode with it (outputs identical to the base model's greedy decoding):", "",
+              "```bash",
+              f"python -m decode method=ppsd stages={measured.get('stages') or 2} head_path={where} "
+              f"prompts=prompts.jsonl compare=[ar,eesd]   # the base comes from the head's config",
+              "```", ""]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(content))
+
+
+def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured: dict | None = None,
+                      repo_id: str | None = None, overwrite: bool = False) -> Path:
+    """Copy a head to `local_dir` with its measurement in config.json and a fresh model card (atomic)."""
+    config = read_head_config(head_path)
+    source = Path(config.pop("_folder"))
+    target = Path(local_dir).expanduser().resolve()
+    if source.resolve() == target:
+        raise UserError(f"local_dir '{target}' is the head folder itself: write to a new folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"local_dir '{target}' exists and is not empty: pick a new folder or pass overwrite=true")
+    for name in HEAD_FILES:
+        if not (source / name).exists():
+            raise UserError(f"head folder '{source}' has no {name}: is it a ppsd head folder?")
+    if measured:
+        config["metadata"] = dict(config.get("metadata") or {}) | {"measured": measured}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(config, repo_id))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def push_head(head_path: str, repo_id: str, *, private: bool = False, token: str | None = None,
+              measured: dict | None = None, commit_message: str | None = None) -> str:
+    """Upload a head (with its model card) to the Hub; token None = HF_TOKEN or `hf auth login`."""
+    from huggingface_hub import HfApi
+
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        raise UserError(f"repo_id '{repo_id}' is not a Hub repo id: use owner/name")
+    config = read_head_config(head_path)
+    with tempfile.TemporaryDirectory(prefix="ppsd-export-") as tmp:
+        folder = write_head_folder(head_path, Path(tmp) / "head", measured=measured, repo_id=repo_id)
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                          commit_message=commit_message or f"ppsd {config['head_type']} head, exit layer {config['exit_layer']}")
+    return str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")

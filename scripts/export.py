@@ -1,0 +1,65 @@
+"""python -m scripts.export head_path=HEAD (repo_id=owner/name [private=true] | local_dir=FOLDER) [results=JSON]
+
+Publishes a head with a generated model card (base model and revision, exit layer, head type, training
+settings, held-out acceptance, and, given `results=`, the measured speedup and the hardware it was
+measured on). `local_dir=` writes the same folder locally instead of uploading. The last stdout line is
+one JSON object: where the head went and what the card says it measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from heads.errors import UserError, exit_on_user_error
+from heads.hub import measured_from_results, push_head, write_head_folder
+from heads.head import read_head_config
+
+
+def read_results(path: str | None, config: dict) -> dict | None:
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"results file '{path}' does not exist: pass a sweep results.json or a saved decode JSON")
+    text = file.read_text().strip()
+    try:  # a whole JSON document, or a decode log whose last line is the result
+        results = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            results = json.loads(text.splitlines()[-1]) if text else None
+        except json.JSONDecodeError:
+            results = None
+    if not isinstance(results, dict):
+        raise UserError(f"results file '{path}' is not a JSON object (nor ends with one)")
+    return measured_from_results(results, config)
+
+
+def export(cfg: DictConfig) -> dict:
+    if not cfg.head_path:
+        raise UserError("no head given: pass head_path=<head folder>")
+    if bool(cfg.repo_id) == bool(cfg.local_dir):
+        raise UserError("pass exactly one of repo_id=owner/name (upload to the Hub) or local_dir=<folder> (write locally)")
+    config = read_head_config(cfg.head_path)
+    # A head exported before (e.g. a sweep's selected_head) already carries its measurement.
+    measured = read_results(cfg.results, config) or (config.get("metadata") or {}).get("measured")
+    where = {"head_type": config["head_type"], "exit_layer": config["exit_layer"], "base_model": config["base_model"],
+             "measured_speedup": (measured or {}).get("speedup_vs_ar"), "hardware": (measured or {}).get("hardware")}
+    if cfg.local_dir:
+        folder = write_head_folder(cfg.head_path, cfg.local_dir, measured=measured, overwrite=cfg.overwrite)
+        return {"local_dir": str(folder)} | where
+    url = push_head(cfg.head_path, cfg.repo_id, private=cfg.private, token=cfg.token, measured=measured)
+    return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        print(json.dumps(export(cfg)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

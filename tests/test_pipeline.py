@@ -1,0 +1,123 @@
+"""The ppsd process pipeline when things go wrong, and the `python -m decode` command contract
+(tiny random Llama: seconds, no real model)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from decode import Decoder, PipelineError
+from heads import build_head
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("head") / "mlp-e2"
+    build_head(tiny_base, "mlp", exit_layer=2).save_pretrained(folder)
+    return str(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_dead_stage_is_a_clear_error_within_seconds(tiny_base, head_dir):
+    dec = Decoder("ppsd", head_dir, base=tiny_base, stages=3, timeout_s=10)
+    pids = [p.pid for p in dec.pipeline.processes]
+    stream = dec.stream(list(range(100, 120)), 900, stop_at_eos=False)
+    next(stream)
+    os.kill(pids[0], 9)  # stage 1 dies mid-generation
+    start = time.time()
+    with pytest.raises(PipelineError, match=r"stage \d .*(crashed|hung|exit code)") as err:
+        for _ in stream:
+            pass
+    assert time.time() - start < 10
+    assert "\n" not in str(err.value)
+    deadline = time.time() + 5
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a stage process outlived the error"
+    dec.close()
+
+
+def test_stages_exit_when_the_driver_dies(tiny_model_dir, head_dir, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        from decode import Decoder
+        if __name__ == "__main__":
+            dec = Decoder("ppsd", {head_dir!r}, model={tiny_model_dir!r}, stages=2)
+            print(" ".join(str(p.pid) for p in dec.pipeline.processes), flush=True)
+            os._exit(0)  # no close(): the stages must notice on their own
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=os.environ | {"PYTHONPATH": ROOT})
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, out.stderr
+    deadline = time.time() + 5
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _decode(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "decode", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+
+
+def test_command_contract(tiny_model_dir, head_dir, spec_bench_path, tmp_path):
+    out = _decode("method=ppsd", "stages=2", f"head_path={head_dir}", f"model={tiny_model_dir}",
+                  f"prompts={spec_bench_path}", "limit=2", "max_new_tokens=8", "compare=[ar,eesd]", "threads=1",
+                  "warmup=false", f"out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("method", "stages", "exit_layer", "acceptance_rate", "tokens_per_s", "speedup_vs_ar",
+                "predicted_speedup", "measured_over_predicted", "lossless", "compare", "fastest_method"):
+        assert key in result, key
+    assert result["method"] == "ppsd" and result["stages"] == 2 and result["exit_layer"] == 2
+    assert result["lossless"] is True and set(result["compare"]) == {"ar", "eesd"}
+    assert result["fastest_method"] in ("ar", "eesd", "ppsd")
+    answers = [json.loads(line) for line in (tmp_path / "answers_ppsd.jsonl").read_text().splitlines()]
+    assert len(answers) == 2
+    choice = answers[0]["choices"][0]
+    assert len(choice["turns"]) == 2 and len(choice["new_tokens"]) == 2  # MT-bench: two turns, answer fed back
+    assert all(n == sum(a) for n, a in zip(choice["new_tokens"], choice["accept_lengths"]))
+    assert json.loads((tmp_path / "summary.json").read_text())["method"] == "ppsd"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["method=ppsd", "stages=6", "prompt=hi"], "leaves a stage empty"),
+    (["method=eesd", "prompt='" + "word " * 1500 + "'"], "exceeds the model's context"),
+])
+def test_command_bad_input_is_one_line(tiny_model_dir, head_dir, tmp_path, args, message):
+    out = _decode(f"head_path={head_dir}", f"model={tiny_model_dir}", "max_new_tokens=8", f"out_dir={tmp_path}",
+                  "warmup=false", *args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr[-1500:]
+
+
+def test_head_for_another_base_is_refused(tiny_base, tmp_path):
+    from heads import UserError, load_base
+    from tests.conftest import make_tiny_model
+
+    other = load_base(str(make_tiny_model(tmp_path / "eight", num_layers=8)))
+    build_head(other, "mlp", exit_layer=5).save_pretrained(tmp_path / "head")
+    with pytest.raises(UserError, match="trained on"):
+        Decoder("ppsd", str(tmp_path / "head"), base=tiny_base, stages=2)
+    assert torch.distributed.is_initialized() is False

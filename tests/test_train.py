@@ -1,0 +1,225 @@
+"""Self-distillation training (`python -m train`) on the tiny random Llama; one SmolLM2 integration test."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from heads import UserError, load_head
+from train import data as D
+from train.losses import distill_loss, expected_acceptance, kl_loss, top1_agreement
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_losses_and_metrics_on_known_distributions():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    assert kl_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert top1_agreement(teacher, teacher).item() == 1.0
+    assert expected_acceptance(teacher, teacher).item() == pytest.approx(1.0)
+    student = torch.tensor([[0.0, 2.0, -1.0], [0.0, 3.0, 0.0]])  # wrong argmax at the first position
+    assert top1_agreement(student, teacher).item() == 0.5
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    assert expected_acceptance(student, teacher).item() == pytest.approx(torch.minimum(p, q).sum(-1).mean().item())
+    assert kl_loss(student, teacher).item() > 0
+    # a hotter temperature flattens both distributions: smaller divergence before the T^2 rescaling
+    assert kl_loss(student, teacher, 4.0).item() / 16 < kl_loss(student, teacher).item()
+    ce = distill_loss(student, teacher, "ce")
+    mix = distill_loss(student, teacher, "mix", ce_weight=0.25)
+    assert mix.item() == pytest.approx(0.75 * kl_loss(student, teacher).item() + 0.25 * ce.item(), rel=1e-5)
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_prompt_files_are_checked(tmp_path):
+    ok = _write(tmp_path / "ok.jsonl", [json.dumps({"id": "a", "turns": ["hi", "more"]}), "",
+                                        json.dumps({"id": "b", "turns": "one string"})])
+    assert [p["turns"] for p in D.load_prompts(ok)] == [["hi", "more"], ["one string"]]
+    for name, lines, words in [("empty.jsonl", [], "no prompts"), ("bad.jsonl", ["{not json"], "not valid JSON"),
+                               ("noturns.jsonl", [json.dumps({"id": "x"})], "'turns'"),
+                               ("blank.jsonl", [json.dumps({"turns": [""]})], "'turns'")]:
+        with pytest.raises(UserError, match=words):
+            D.load_prompts(_write(tmp_path / name, lines))
+    with pytest.raises(UserError, match="does not exist"):
+        D.load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_heldout_split_is_fixed_by_seed():
+    prompts = [{"id": f"p{i}", "turns": ["x"]} for i in range(40)]
+    a, b = D.heldout_ids(prompts, 0.1, seed=0), D.heldout_ids(list(reversed(prompts)), 0.1, seed=0)
+    assert a == b and len(a) == 4
+    assert D.heldout_ids(prompts, 0.1, seed=1) != a
+
+
+def test_batch_masks_cover_exactly_the_response_predictions():
+    e = D.Example("p", 0, False, input_ids=[5, 6, 7, 8, 9], prompt_len=3)  # response = [8, 9]
+    batch = D.pad_batch([e, D.Example("q", 0, False, [1, 2, 3], 2)], pad_id=0)
+    assert batch["loss_mask"][0].tolist() == [False, False, True, True, False]  # positions 2, 3 predict 8, 9
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
+    prompts = [{"id": f"p{i}", "turns": [f"question {i} " * (i + 1)] + (["and then?"] if i == 0 else [])}
+               for i in range(5)]
+    cfg = _compose(["data=tiny", "data.max_new_tokens=6", "data.gen_batch_size=2", "data.samples=1"]).data
+    rows, folder = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
+    assert len(rows) == 12  # (5 first turns + 1 second turn) x (greedy + 1 sampled)
+    assert all(0 < len(r["response_ids"]) <= 6 for r in rows)
+    second = next(r for r in rows if r["turn"] == 1 and not r["sampled"])
+    first = next(r for r in rows if r["turn"] == 0 and r["id"] == "p0" and not r["sampled"])
+    assert len(second["prompt_ids"]) > len(first["prompt_ids"]) + len(first["response_ids"])  # sees its own answer
+    # greedy batched generation with left padding = one prompt alone
+    alone = D._generate_batch(tiny_base, [first["prompt_ids"]], max_new_tokens=6, sample=False, temperature=1,
+                              top_p=1, seed=0)
+    assert alone[0] == first["response_ids"]
+    stamp = (folder / "responses.jsonl").stat().st_mtime_ns
+    again, folder2 = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
+    assert folder2 == folder and again == rows and (folder / "responses.jsonl").stat().st_mtime_ns == stamp
+    changed = cfg.copy()
+    changed.max_new_tokens = 5
+    _, folder3 = D.self_distillation_set(tiny_base, prompts, changed, cache_dir=str(tmp_path), progress=False)
+    assert folder3 != folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+# ---------------------------------------------------------------- the job, in process
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    topics = ["cooking", "physics", "python", "rome", "cats", "sorting", "the moon", "taxes", "music", "football"]
+    rows = [{"id": f"p{i}", "category": "t", "turns": [f"Tell me about {topics[i % 10]} ({i})."]} for i in range(16)]
+    return _write(tmp_path_factory.mktemp("prompts") / "p.jsonl", [json.dumps(r) for r in rows])
+
+
+def _tiny_overrides(tiny_model_dir, prompt_file, out_dir, cache_dir, *extra):
+    return [f"model={tiny_model_dir}", "data=tiny", f"data.prompts={prompt_file}", f"data.cache_dir={cache_dir}",
+            "data.max_new_tokens=12", "exit_layer=3", "epochs=2", "batch_size=2", "checkpoint_every=2",
+            "forward_batch_size=4", f"out_dir={out_dir}", "wandb.enabled=false", "threads=1", *extra]
+
+
+def _run_in_process(overrides):
+    from train.loop import train
+
+    return train(_compose(overrides))  # the one-process group stays up between runs, as in a Hydra multirun
+
+
+def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, prompt_file, tmp_path):
+    result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                             "exit_layers=[2,4]", "head=transformer", "loss=kl", "temperature=2"))
+    assert result["exit_layers"] == [2, 4] and result["head"] == "transformer"
+    assert [h["exit_layer"] for h in result["heads"]] == [2, 4]
+    for h in result["heads"]:
+        head = load_head(h["head_path"], tiny_base)
+        assert head.exit_layer == h["exit_layer"] and head.head_type == "transformer"
+        assert head.metadata["heldout"]["top1"] == pytest.approx(h["heldout_top1"])
+        assert head.metadata["training"]["loss"] == "kl"
+        # it trained: the weights moved away from the base layer it started from
+        start = tiny_base.decoder.layers[h["exit_layer"]].state_dict()
+        assert any(not torch.equal(v, start[k]) for k, v in head.layer.state_dict().items())
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, result["steps"] + 1))
+    assert {"L2/top1", "L4/top1", "L2/expected_acceptance", "loss", "lr"} <= set(log[0])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["exit_layer=6"], "outside 1..5"),
+    (["exit_layers=[0,3]"], "outside 1..5"),
+    (["head.type=lstm"], "unknown head type"),
+    (["resume=true"], "holds no checkpoint"),
+])
+def test_bad_config_is_a_user_error(tiny_model_dir, prompt_file, tmp_path, overrides, words):
+    with pytest.raises(UserError, match=words):
+        _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache", *overrides))
+
+
+def test_prompt_longer_than_the_context_is_a_user_error(tiny_model_dir, tmp_path):
+    long = _write(tmp_path / "long.jsonl", [json.dumps({"id": "long", "turns": ["word " * 1200]})] * 2)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        _run_in_process(_tiny_overrides(tiny_model_dir, long, tmp_path / "run", tmp_path / "cache",
+                                        "data.max_prompt_tokens=100000"))
+
+
+# ---------------------------------------------------------------- the command line, killed and resumed
+
+
+def _cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = _cli([f"model={tmp_path / 'nope'}", f"out_dir={tmp_path}", "wandb.enabled=false"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("error: model folder") and "Traceback" not in err
+
+
+def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_model_dir, prompt_file, tmp_path):
+    cache = tmp_path / "cache"
+    reference = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "ref", cache))
+    total = reference["steps"]
+    assert total >= 8
+
+    run = tmp_path / "run"
+    args = _tiny_overrides(tiny_model_dir, prompt_file, run, cache)
+    proc = _cli(args + ["debug.step_sleep=0.4"], start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "latest").exists() or \
+            (run / "checkpoints" / "latest").read_text().strip() < "step_0000004":
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert killed_at < total
+
+    proc = _cli(args + ["resume=true"])
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["steps"] == total
+    assert "held-out top-1" in out.strip().splitlines()[-2]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
+    assert json.loads((run / "metrics.json").read_text())["head_path"] == result["head_path"]
+    resumed = load_head(result["head_path"]).state_dict()
+    uninterrupted = load_head(reference["head_path"]).state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.allclose(resumed[k], uninterrupted[k], atol=1e-6), k
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.integration
+def test_short_smollm2_run_beats_the_untrained_head(tmp_path):
+    proc = _cli(["data=tiny", "data.max_new_tokens=48", "exit_layer=15", "epochs=3", "batch_size=4",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'run'}", "wandb.enabled=false"])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["heldout_top1"] > result["heldout_top1_untrained"] + 0.05, result
+    assert 0 < result["heldout_expected_acceptance"] <= 1
+    head = load_head(result["head_path"])
+    assert head.exit_layer == 15 and head.metadata["heldout"]["top1"] == pytest.approx(result["heldout_top1"])

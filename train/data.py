@@ -1,0 +1,260 @@
+"""Self-distillation data: prompts -> responses the frozen base writes itself -> tokenized examples.
+
+Prompts come from a JSONL file ({"id", "category", "turns": [str, ...]}) or a `datasets` path, or the
+project's own default set (train/prompts/default.jsonl). The base answers every turn with its chat
+template (batched generation, left padding): greedy, plus optionally some sampled answers. The
+generated set is cached on disk under <cache>/data/<hash> keyed by model, prompts and generation
+settings, written atomically, so a second run (and every rank of a distributed run) reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from heads import UserError
+from heads.base import cache_root
+
+DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
+CACHE_VERSION = 1
+
+
+@dataclass
+class Example:
+    """One answered turn: the loss covers the positions that predict the response tokens."""
+
+    prompt_id: str
+    turn: int
+    sampled: bool
+    input_ids: list[int]  # prompt (chat template, generation header) + response
+    prompt_len: int
+
+    @property
+    def loss_positions(self) -> range:
+        """Positions whose next token is a response token: [prompt_len - 1, len - 1)."""
+        return range(self.prompt_len - 1, len(self.input_ids) - 1)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _check_prompt(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with 'turns', got {type(row).__name__}")
+    turns = row.get("turns")
+    if isinstance(turns, str):
+        turns = [turns]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise UserError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": turns}
+
+
+def load_prompts(source: str, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
+    """A JSONL file, "default", or a `datasets` path (local folder / hub id) -> [{id, category, turns}]."""
+    if source in (None, "", "default"):
+        if not DEFAULT_PROMPTS.exists():
+            raise UserError(f"the default prompt set {DEFAULT_PROMPTS} is missing: reinstall ppsd or pass data.prompts=FILE.jsonl")
+        source = str(DEFAULT_PROMPTS)
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"prompt file '{path}' does not exist: pass data.prompts=FILE.jsonl")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"prompt file '{path}' line {n} is not valid JSON ({e.msg}): one object per line") from None
+            rows.append(_check_prompt(row, f"prompt file '{path}' line {n}"))
+    else:
+        rows = _dataset_prompts(source, split, field)
+    if not rows:
+        raise UserError(f"prompt source '{source}' holds no prompts: give it at least one {{\"turns\": [...]}} row")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):  # ids key the held-out split; make them unique by position
+        rows = [r | {"id": f"{r['id']}#{i}"} for i, r in enumerate(rows)]
+    return rows[:limit] if limit else rows
+
+
+def _dataset_prompts(source: str, split: str, field: str) -> list[dict]:
+    """Chat turns from a `datasets` path: column `field` holds a string, a list of strings or [{role, content}]."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(source) if Path(source).is_dir() and (Path(source) / "dataset_info.json").exists() \
+            else datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise UserError(f"prompt source '{source}' is neither a JSONL file nor a loadable dataset ({type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    if field not in ds.column_names:
+        raise UserError(f"dataset '{source}' has no column '{field}' (columns: {ds.column_names}): set data.prompt_field")
+    rows = []
+    for i, row in enumerate(ds):
+        turns = row[field]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):  # messages: keep the user turns
+            turns = [t.get("content", "") for t in turns if t.get("role") == "user"]
+        rows.append(_check_prompt({"id": row.get("id", i), "category": row.get("category", ""), "turns": turns},
+                                  f"dataset '{source}' row {i}"))
+    return rows
+
+
+def heldout_ids(prompts: list[dict], fraction: float, seed: int) -> set[str]:
+    """A fixed random subset of prompt ids (by seed) held out for evaluation."""
+    ids = sorted(p["id"] for p in prompts)
+    random.Random(seed).shuffle(ids)
+    n = max(1, round(fraction * len(ids))) if fraction > 0 and len(ids) > 1 else 0
+    return set(ids[:n])
+
+
+# ---------------------------------------------------------------- generation
+
+
+def cache_key(base, prompts: list[dict], gen: dict) -> str:
+    payload = json.dumps({"v": CACHE_VERSION, "model": base.name, "folder": str(base.folder),
+                          "config": base.config.to_diff_dict() | {"model_type": base.config.model_type},
+                          "prompts": prompts, "gen": gen}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
+                    top_p: float, seed: int) -> list[list[int]]:
+    """Left-padded batched generation; returns each response up to and including its EOS."""
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(base.eos_token_ids))
+    width = max(map(len, prompts_ids))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids], device=base.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids], device=base.device)
+    torch.manual_seed(seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        out = base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=pad, eos_token_id=sorted(base.eos_token_ids), **kwargs)
+    responses = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in base.eos_token_ids), len(row))
+        responses.append(row[:cut])
+    return responses
+
+
+def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, world: int = 1,
+                       progress: bool = True) -> list[dict]:
+    """Answer every turn of this rank's share of the prompts (greedy + `samples` sampled answers per prompt).
+
+    Multi-turn prompts are answered turn by turn: turn k sees the base's own answers to turns < k.
+    Returns rows {id, turn, sampled, prompt_ids, response_ids}.
+    """
+    mine = prompts[rank::world]
+    variants = [(False, 0)] + [(True, s) for s in range(int(gen["samples"]))]
+    jobs = [(p, sampled, s) for p in mine for sampled, s in variants]  # one conversation per (prompt, variant)
+    history = {i: [] for i in range(len(jobs))}
+    rows = []
+    todo = sum(len(p["turns"]) for p, _, _ in jobs)
+    bar = tqdm(total=todo, desc="teacher responses", unit="resp", disable=not progress, dynamic_ncols=True)
+    max_turns = max(len(p["turns"]) for p, _, _ in jobs) if jobs else 0
+    for turn in range(max_turns):
+        active = [i for i, (p, _, _) in enumerate(jobs) if turn < len(p["turns"])]
+        encoded = {}
+        for i in active:
+            p = jobs[i][0]
+            history[i] = history[i] + [{"role": "user", "content": p["turns"][turn]}]
+            ids = base.encode_chat(history[i])
+            try:
+                base.check_prompt_length(len(ids), gen["max_new_tokens"])
+            except UserError as e:
+                raise UserError(f"prompt '{p['id']}' turn {turn + 1}: {e}") from None
+            if len(ids) > gen["max_prompt_tokens"]:
+                raise UserError(f"prompt '{p['id']}' turn {turn + 1} has {len(ids)} tokens, over data.max_prompt_tokens="
+                                f"{gen['max_prompt_tokens']}: shorten it or raise data.max_prompt_tokens")
+            encoded[i] = ids
+        for sampled in (False, True):  # greedy and sampled answers go in separate batches
+            group = sorted((i for i in active if jobs[i][1] == sampled), key=lambda i: len(encoded[i]))
+            for b in range(0, len(group), gen["batch_size"]):
+                chunk = group[b:b + gen["batch_size"]]
+                answers = _generate_batch(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
+                                          sample=sampled, temperature=gen["temperature"], top_p=gen["top_p"],
+                                          seed=gen["seed"] + 1000 * turn + 7 * b + rank)
+                for i, answer in zip(chunk, answers):
+                    p, _, s = jobs[i]
+                    rows.append({"id": p["id"], "turn": turn, "sampled": sampled, "sample": s,
+                                 "prompt_ids": encoded[i], "response_ids": answer})
+                    text = base.tokenizer.decode([t for t in answer if t not in base.eos_token_ids])
+                    history[i] = history[i] + [{"role": "assistant", "content": text}]
+                bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def _atomic_write_dir(target: Path, files: dict[str, str]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process wrote the same cache entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gen_settings(cfg) -> dict:
+    return {"max_new_tokens": int(cfg.max_new_tokens), "max_prompt_tokens": int(cfg.max_prompt_tokens),
+            "samples": int(cfg.samples), "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
+            "batch_size": int(cfg.gen_batch_size), "seed": int(cfg.gen_seed), "dtype": str(cfg.gen_dtype)}
+
+
+def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | None = None, rank: int = 0,
+                          world: int = 1, barrier=lambda: None, progress: bool = True, gen_base=None) -> tuple[list[dict], Path]:
+    """The cached generated set for (model, prompts, settings): generate it once (ranks share the work)."""
+    gen = _gen_settings(cfg)
+    key = cache_key(base, prompts, {k: v for k, v in gen.items() if k != "batch_size"})
+    folder = Path(cache_dir or cache_root() / "data") / key
+    done = folder / "responses.jsonl"
+    if not done.exists():
+        rows = generate_responses(gen_base or base, prompts, gen, rank=rank, world=world, progress=progress)
+        parts = folder.parent / f".parts-{key}"
+        parts.mkdir(parents=True, exist_ok=True)
+        part = parts / f"rank{rank}.jsonl"
+        tmp = part.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, part)
+        barrier()
+        if rank == 0:
+            order = {p["id"]: i for i, p in enumerate(prompts)}
+            merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
+            merged.sort(key=lambda r: (order[r["id"]], r["turn"], r["sampled"], r["sample"]))
+            meta = {"model": base.name, "prompts": len(prompts), "responses": len(merged), "gen": gen}
+            _atomic_write_dir(folder, {"responses.jsonl": "".join(json.dumps(r) + "\n" for r in merged),
+                                       "meta.json": json.dumps(meta, indent=2)})
+            shutil.rmtree(parts, ignore_errors=True)
+        barrier()
+    rows = [json.loads(line) for line in done.read_text().splitlines()]
+    return rows, folder
+
+
+def to_examples(rows: list[dict]) -> list[Example]:
+    return [Example(prompt_id=r["id"], turn=r["turn"], sampled=r["sampled"], input_ids=r["prompt_ids"] + r["response_ids"],
+                    prompt_len=len(r["prompt_ids"])) for r in rows if r["response_ids"]]
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> dict:
+    """Right-padded ids, the padding mask and the loss mask (positions predicting response tokens)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    loss = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention[i, :len(e.input_ids)] = 1
+        loss[i, e.loss_positions.start:e.loss_positions.stop] = True
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}

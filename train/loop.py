@@ -1,0 +1,463 @@
+"""The training loop: freeze the base, self-distil one exit head per requested layer with DeepSpeed.
+
+One frozen-base forward per batch serves every head: it collects the hidden state after each exit
+layer and the final hidden state, whose final norm + LM head give the teacher's distribution on the
+fly. By default those hidden states are computed once per example and kept in memory across epochs
+(`cache_features`), since on a CPU the base forward is what costs; the teacher logits are still
+recomputed from the frozen base every step, so nothing the size of the vocabulary is ever stored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from heads import UserError, build_head, load_base
+from heads.head import HEAD_TYPES
+from train import data as D
+from train.losses import LOSSES, distill_loss, expected_acceptance, top1_agreement
+
+
+# ---------------------------------------------------------------- distributed set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(threads: int | None = None):
+    """Use the launcher's rank variables (torchrun, deepspeed) or make a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    if not torch.cuda.is_available():  # one process per core share, or they fight over the cores
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+                               timeout=datetime.timedelta(hours=2))  # rank 0 may generate data for a while
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _barrier():
+    torch.distributed.barrier()
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def exit_layers_of(cfg, num_layers: int) -> list[int]:
+    layers = cfg.exit_layers if cfg.exit_layers is not None else [cfg.exit_layer]
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    try:
+        layers = sorted({int(x) for x in layers})
+    except (TypeError, ValueError):
+        raise UserError(f"exit_layers={list(layers)} must be integers, e.g. exit_layers=[4,8,12]") from None
+    if not layers:
+        raise UserError("exit_layers is empty: give at least one layer, e.g. exit_layers=[8]")
+    bad = [e for e in layers if not 1 <= e <= num_layers - 1]
+    if bad:
+        raise UserError(f"exit layer {bad[0]} is outside 1..{num_layers - 1} for this {num_layers}-layer base")
+    return layers
+
+
+def check_config(cfg) -> None:
+    if cfg.head.type not in HEAD_TYPES:
+        raise UserError(f"unknown head type '{cfg.head.type}': use head=mlp or head=transformer")
+    if cfg.loss not in LOSSES:
+        raise UserError(f"unknown loss '{cfg.loss}': use loss=kl, loss=ce or loss=mix")
+    if cfg.temperature <= 0:
+        raise UserError(f"temperature={cfg.temperature} must be > 0")
+
+
+# ---------------------------------------------------------------- the shared base forward
+
+
+class FeatureSource:
+    """Hidden states after every exit layer and after the last layer, from one frozen-base forward.
+
+    With `keep=True` each example's states are computed once and reused across epochs.
+    """
+
+    def __init__(self, base, exit_layers: list[int], keep: bool, batch_size: int):
+        self.base, self.exit_layers, self.keep, self.batch_size = base, exit_layers, keep, batch_size
+        self.store: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _forward(self, examples: list[D.Example]) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        base = self.base
+        batch = D.pad_batch(examples, pad_id=0)
+        ids, mask = batch["input_ids"].to(base.device), batch["attention_mask"].to(base.device)
+        pos = torch.arange(ids.shape[1], device=base.device)[None].expand_as(ids)
+        h, taps, start = base.embed(ids), [], 0
+        for end in self.exit_layers + [base.num_layers]:
+            h = base.run_layers(h, start, end, position_ids=pos, attention_mask=mask)
+            taps.append(h)
+            start = end
+        out = []
+        for i, e in enumerate(examples):
+            n, lp = len(e.input_ids), e.loss_positions
+            out.append(([t[i, :n].clone() for t in taps[:-1]], taps[-1][i, lp.start:lp.stop].clone()))
+        return out
+
+    def precompute(self, examples: list[tuple[int, D.Example]], progress: bool) -> None:
+        todo = sorted((x for x in examples if x[0] not in self.store), key=lambda x: len(x[1].input_ids))
+        bar = tqdm(total=sum(len(e.input_ids) for _, e in todo), desc="frozen-base forward", unit="tok",
+                   disable=not progress or not todo, dynamic_ncols=True)
+        for b in range(0, len(todo), self.batch_size):
+            chunk = todo[b:b + self.batch_size]
+            for (key, e), feats in zip(chunk, self._forward([e for _, e in chunk])):
+                self.store[key] = feats
+            bar.update(sum(len(e.input_ids) for _, e in chunk))
+        bar.close()
+
+    def get(self, keyed: list[tuple[int, D.Example]]):
+        if self.keep:
+            self.precompute(keyed, progress=False)
+            return [self.store[k] for k, _ in keyed]
+        return self._forward([e for _, e in keyed])
+
+
+def collate(base, keyed, feats, exit_layers):
+    """Right-pad the exit-layer states; flatten the loss positions' final states (teacher input)."""
+    examples = [e for _, e in keyed]
+    width = max(len(e.input_ids) for e in examples)
+    hidden = {}
+    for j, layer in enumerate(exit_layers):
+        h = torch.zeros(len(examples), width, base.hidden_size, dtype=base.dtype, device=base.device)
+        for i, (states, _) in enumerate(feats):
+            h[i, :states[j].shape[0]] = states[j]
+        hidden[layer] = h
+    batch = D.pad_batch(examples, pad_id=0)
+    return {"hidden": hidden, "final": torch.cat([f for _, f in feats]),
+            "attention_mask": batch["attention_mask"].to(base.device), "loss_mask": batch["loss_mask"].to(base.device)}
+
+
+# ---------------------------------------------------------------- the heads being trained
+
+
+class HeadSet(nn.Module):
+    """Every head of the job; forward = per-head student logits at the loss positions + the teacher's."""
+
+    def __init__(self, base, head_type: str, exit_layers: list[int], mlp_hidden: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden) for e in exit_layers})
+        self.base = [base]  # a list keeps the frozen base out of this module's parameters and checkpoints
+
+    def forward(self, batch):
+        base = self.base[0]
+        mask = batch["loss_mask"]
+        with torch.no_grad():
+            teacher = base.logits(batch["final"])
+        students = {}
+        for name, head in self.heads.items():
+            h = batch["hidden"][int(name[1:])]
+            if head.head_type == "mlp":  # position-wise: only the loss positions need it
+                out = head(h[mask])
+            else:
+                pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+                masks = base.attention_masks(h, pos, attention_mask=batch["attention_mask"])
+                out = head(h, position_embeddings=base.position_embeddings(h, pos), position_ids=pos,
+                           attention_mask=masks.get(getattr(head.layer, "attention_type", "full_attention"),
+                                                    masks["full_attention"]))[mask]
+            students[name] = base.logits(out)
+        return students, teacher
+
+
+def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
+    warm = max(1, round(warmup * total_steps))
+
+    def f(step):  # linear warm-up then cosine to min_ratio
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+def _wandb_run(cfg, out_dir: Path, resolved: dict):
+    if not cfg.wandb.enabled:
+        return None
+    import wandb
+
+    mode = cfg.wandb.mode or os.environ.get("WANDB_MODE")
+    if not mode:
+        netrc = Path.home() / ".netrc"
+        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        mode = "online" if has_key else "offline"
+    if mode == "disabled":
+        return None
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=mode,
+                      dir=str(out_dir), config=resolved, id=run_id, resume="allow")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metrics_lines_upto(path: Path, step: int) -> None:
+    """After a resume, drop the log lines of steps the checkpoint does not contain (they will be redone)."""
+    if path.exists():
+        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        _atomic_text(path, "".join(l + "\n" for l in keep))
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, rank: int) -> None:
+    """DeepSpeed state (weights, optimizer, scheduler) into a temp folder, renamed into place when complete."""
+    tmp = ckpt_root / f".tmp-step_{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step}, save_latest=False)
+    _barrier()
+    if rank == 0:
+        final = ckpt_root / f"step_{step:07d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_text(ckpt_root / "latest", final.name)
+        for old in ckpt_root.glob("step_*"):
+            if old.name != final.name:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def save_head_folder(head, folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    head.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, batch_size: int) -> dict:
+    """Position-weighted held-out top-1 agreement, expected acceptance and loss per head."""
+    totals = {f"L{e}": [0.0, 0.0, 0] for e in exit_layers}
+    for b in range(0, len(keyed), batch_size):
+        chunk = keyed[b:b + batch_size]
+        batch = collate(base, chunk, source.get(chunk), exit_layers)
+        students, teacher = model(batch)
+        n = teacher.shape[0]
+        for name, s in students.items():
+            totals[name][0] += top1_agreement(s, teacher).item() * n
+            totals[name][1] += expected_acceptance(s, teacher).item() * n
+            totals[name][2] += n
+    return {name: {"top1": t[0] / max(1, t[2]), "expected_acceptance": t[1] / max(1, t[2]), "positions": t[2]}
+            for name, t in totals.items()}
+
+
+# ---------------------------------------------------------------- the job
+
+
+def train(cfg) -> dict:
+    t_start = time.time()
+    check_config(cfg)
+    # Bad input fails here, before the slow distributed set-up.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    exit_layers = exit_layers_of(cfg, base.num_layers)
+    head_type = cfg.head.type
+    prompts = D.load_prompts(cfg.data.prompts, split=cfg.data.prompt_split, field=cfg.data.prompt_field,
+                             limit=cfg.data.max_prompts)
+    if cfg.resume and not (Path(cfg.out_dir) / "checkpoints" / "latest").exists():
+        raise UserError(f"resume=true but {Path(cfg.out_dir) / 'checkpoints'} holds no checkpoint: "
+                        "pass out_dir=<the folder of the run to resume>")
+
+    import deepspeed
+
+    rank, world = init_distributed(cfg.threads)
+    main = rank == 0
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(_broadcast(str(Path(cfg.out_dir).resolve())))  # ranks' Hydra folders may differ by a second
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out_dir / "checkpoints"
+
+    # data: prompts -> cached self-generated responses -> examples (held-out prompts: greedy answers only)
+    gen_base = base if str(cfg.data.gen_dtype) in (str(cfg.dtype), "null", "None") else \
+        load_base(cfg.model, dtype=cfg.data.gen_dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    t_gen = time.time()
+    rows, data_dir = D.self_distillation_set(base, prompts, cfg.data, cache_dir=cfg.data.cache_dir, rank=rank,
+                                             world=world, barrier=_barrier, progress=main, gen_base=gen_base)
+    gen_seconds = time.time() - t_gen
+    del gen_base
+    held = D.heldout_ids(prompts, cfg.data.heldout_fraction, cfg.seed)
+    examples = D.to_examples(rows)
+    train_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id not in held]
+    eval_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id in held and not e.sampled]
+    if not train_set:
+        raise UserError("no training examples: give more prompts or lower data.heldout_fraction")
+    shard = train_set[rank::world]
+    per_rank = len(train_set) // world
+    bs = min(cfg.batch_size, per_rank) or 1
+    steps_per_epoch = max(1, per_rank // bs)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # model + DeepSpeed engine (only the heads are trainable; the base stays outside the engine)
+    model = HeadSet(base, head_type, exit_layers, cfg.head.mlp_hidden)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.head.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup, cfg.min_lr_ratio))
+    ds_config = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    ds_config.update(train_micro_batch_size_per_gpu=bs, gradient_accumulation_steps=1,
+                     gradient_clipping=cfg.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
+    ds_config["bf16"] = {"enabled": base.dtype == torch.bfloat16}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    step = 0
+    if cfg.resume:
+        tag_dir = ckpt_root / (ckpt_root / "latest").read_text().strip()
+        _, client = engine.load_checkpoint(str(tag_dir), tag="state")
+        step = client["step"]
+    metrics_path = out_dir / "metrics.jsonl"
+    if main:
+        if cfg.resume:
+            _metrics_lines_upto(metrics_path, step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run = _wandb_run(cfg, out_dir, resolved) if main else None
+
+    source = FeatureSource(base, exit_layers, keep=cfg.cache_features, batch_size=cfg.forward_batch_size)
+    t_features = time.time()
+    if cfg.cache_features:
+        source.precompute(shard + (eval_set if main else []), progress=main)
+    untrained = evaluate(model, base, source, eval_set, exit_layers, cfg.forward_batch_size) if main and eval_set \
+        and step == 0 else None
+
+    def batch_at(s: int):
+        epoch, idx = divmod(s, steps_per_epoch)
+        order = list(range(len(shard)))
+        random.Random(cfg.seed * 100003 + epoch * 7919 + rank).shuffle(order)
+        return epoch, [shard[j] for j in order[idx * bs:(idx + 1) * bs]]
+
+    t_train = time.time()
+    features_seconds = t_train - t_features
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {head_type} L{','.join(map(str, exit_layers))}",
+               unit="step", disable=not main, dynamic_ncols=True)
+    engine.train()
+    while step < total_steps:
+        epoch, keyed = batch_at(step)
+        batch = collate(base, keyed, source.get(keyed), exit_layers)
+        students, teacher = engine(batch)
+        losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight) for n, s in students.items()}
+        loss = sum(losses.values())
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        stats = torch.tensor([[losses[n].item(), top1_agreement(s, teacher).item(), expected_acceptance(s, teacher).item()]
+                              for n, s in students.items()])
+        torch.distributed.all_reduce(stats)
+        stats /= world
+        if main:
+            record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                      "loss": stats[:, 0].sum().item(), "top1": stats[:, 1].mean().item(),
+                      "expected_acceptance": stats[:, 2].mean().item()}
+            if len(exit_layers) > 1:
+                for n, row in zip(students, stats.tolist()):
+                    record |= {f"{n}/loss": row[0], f"{n}/top1": row[1], f"{n}/expected_acceptance": row[2]}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if run:
+                run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.3f}",
+                            acc=f"{record['expected_acceptance']:.3f}")
+            bar.update(1)
+        if cfg.debug.step_sleep:
+            time.sleep(cfg.debug.step_sleep)  # lets the resume test kill a run mid-way
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            save_checkpoint(engine, ckpt_root, step, rank)
+    bar.close()
+    train_seconds = time.time() - t_train
+
+    # Full weights on every rank (ZeRO-3 partitions them; ZeRO-1/2 make them views of one flat buffer),
+    # loaded into plain heads for the held-out evaluation and the head folders.
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    result = None
+    if main:
+        model = HeadSet(base, head_type, exit_layers, cfg.head.mlp_hidden)
+        model.load_state_dict(state)
+        model.eval()
+        heldout = evaluate(model, base, source, eval_set, exit_layers, cfg.forward_batch_size) if eval_set else {}
+        per_head = []
+        for e in exit_layers:
+            name = f"L{e}"
+            head = model.heads[name]
+            metrics = heldout.get(name, {})
+            metadata = {
+                "training": {"data": {"prompts": str(cfg.data.prompts), "num_prompts": len(prompts),
+                                      "examples": len(train_set), "cache": str(data_dir),
+                                      "generation": D._gen_settings(cfg.data)},
+                             "loss": cfg.loss, "temperature": cfg.temperature, "lr": cfg.head.lr, "steps": step,
+                             "batch_size": bs * world, "epochs": cfg.epochs, "dtype": str(cfg.dtype), "seed": cfg.seed},
+                "heldout": {"top1": metrics.get("top1"), "expected_acceptance": metrics.get("expected_acceptance"),
+                            "positions": metrics.get("positions"),
+                            "untrained_top1": (untrained or {}).get(name, {}).get("top1")},
+            }
+            head.metadata = metadata
+            head._hub_mixin_config["metadata"] = metadata  # what save_pretrained writes to config.json
+            folder = out_dir / f"head_L{e}_{head_type}"
+            save_head_folder(head, folder)
+            per_head.append({"exit_layer": e, "head_path": str(folder), "heldout_top1": metrics.get("top1"),
+                             "heldout_expected_acceptance": metrics.get("expected_acceptance"),
+                             "heldout_top1_untrained": (untrained or {}).get(name, {}).get("top1")})
+        result = {"head": head_type, "model": base.name, "steps": step, "train_examples": len(train_set),
+                  "heldout_positions": next(iter(heldout.values()), {}).get("positions", 0),
+                  "generate_seconds": round(gen_seconds, 1), "base_forward_seconds": round(features_seconds, 1),
+                  "train_seconds": round(train_seconds, 1),
+                  "total_seconds": round(time.time() - t_start, 1), "out_dir": str(out_dir)}
+        if len(per_head) == 1:
+            h = per_head[0]
+            result = {"head_path": h["head_path"], "exit_layer": h["exit_layer"], "heldout_top1": h["heldout_top1"],
+                      "heldout_expected_acceptance": h["heldout_expected_acceptance"],
+                      "heldout_top1_untrained": h["heldout_top1_untrained"]} | result
+        else:
+            result = {"head_paths": [h["head_path"] for h in per_head], "exit_layers": exit_layers,
+                      "heldout_top1": [h["heldout_top1"] for h in per_head],
+                      "heldout_expected_acceptance": [h["heldout_expected_acceptance"] for h in per_head],
+                      "heads": per_head} | result
+        _atomic_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+        if run:
+            run.summary.update({f"heldout/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+            for h in per_head:
+                run.summary.update({f"heldout/L{h['exit_layer']}/top1": h["heldout_top1"],
+                                    f"heldout/L{h['exit_layer']}/expected_acceptance": h["heldout_expected_acceptance"]})
+            run.finish()
+    _barrier()
+    return result
