@@ -40,16 +40,24 @@ def ppsd_tick(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | N
     return tick
 
 
+def ppsd_flush_latency(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None) -> float:
+    """Time from one restart of stage 0 to the next after a rejected draft: L = Σ τ + feedback, or
+    window·τ₀ if that is longer: stage 0 reads a verdict only once `window` positions are in flight (a
+    receive cannot be polled), so it first finishes the speculative positions it has started."""
+    latency = sum(stage_s) + feedback_s
+    return max(latency, window * stage_s[0]) if window else latency
+
+
 def ppsd_time_per_token(alpha: float, stage_s: Sequence[float], feedback_s: float = 0.0,
                         window: int | None = None) -> float:
     """α·tick + (1 − α)·L with tick = max(stage_s) and L = sum(stage_s) + feedback_s.
 
-    window: the most positions in flight (None = unlimited); it can only raise the tick (`ppsd_tick`).
+    window: the most positions in flight (None = unlimited, the design's formula); it can only raise the
+    tick (`ppsd_tick`) and the flush latency (`ppsd_flush_latency`).
     """
     _check_alpha(alpha)
     tick = ppsd_tick(stage_s, feedback_s, window)
-    latency = sum(stage_s) + feedback_s
-    return alpha * tick + (1 - alpha) * latency
+    return alpha * tick + (1 - alpha) * ppsd_flush_latency(stage_s, feedback_s, window)
 
 
 def ppsd_speedup(alpha: float, stage_s: Sequence[float], t_ar: float, feedback_s: float = 0.0,
@@ -261,7 +269,8 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
             gamma = best_eesd_gamma(alpha, draft_s, verify_s, t_ar, gammas)
             rows.append({
                 "stages": stages, "exit_layer": exit_layer, "alpha": alpha, "stage_s": stage_s,
-                "tick_s": ppsd_tick(stage_s, feedback_s, window or stages), "latency_s": sum(stage_s) + feedback_s,
+                "tick_s": ppsd_tick(stage_s, feedback_s, window or stages),
+                "latency_s": ppsd_flush_latency(stage_s, feedback_s, window or stages),
                 "t_ar_s": t_ar, "ppsd_time_s": ppsd_time_per_token(alpha, stage_s, feedback_s, window or stages),
                 "ppsd_speedup": ppsd_speedup(alpha, stage_s, t_ar, feedback_s, window or stages),
                 "ideal_speedup": ideal_ppsd_speedup(alpha, num_layers, exit_layer),

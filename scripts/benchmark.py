@@ -136,10 +136,9 @@ def warm_up(decoder, prompt_ids: list[int], tokens: int) -> None:
 def pipeline_costs(run: Run) -> dict:
     """Per-stage time per position inside the pipeline (position-weighted over the prompts).
 
-    Stage 0's compute already includes its send (the draft loop sends inside the timed step); the other
-    stages send after their timed compute, so their occupied time is compute + send. The feedback is one
-    hop per link: S × the ping-measured hop (the ping's posting time overlaps the sends counted above,
-    a few µs counted twice)."""
+    A stage is occupied for its compute + its send (posting the message). The feedback is one hop per
+    link: S × the ping-measured hop (the ping's posting time overlaps the sends counted above, a few µs
+    counted twice)."""
     stages = len(run.generations[0].stats["stages"])
     compute, send, count = [0.0] * stages, [0.0] * stages, [0] * stages
     for g in run.generations:
@@ -149,7 +148,7 @@ def pipeline_costs(run: Run) -> dict:
             count[i] += s["positions"]
     compute = [c / max(n, 1) for c, n in zip(compute, count)]
     send = [x / max(n, 1) for x, n in zip(send, count)]
-    occupied = [compute[0]] + [c + x for c, x in zip(compute[1:], send[1:])]
+    occupied = [c + x for c, x in zip(compute, send)]
     hop = sum(g.stats["feedback_s"] for g in run.generations) / len(run.generations)
     return {"compute_s": compute, "send_s": send, "stage_s": occupied, "positions": count,
             "feedback_s": stages * hop, "window": run.generations[0].stats["window"]}
@@ -342,7 +341,7 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     }
     table, stage_rows = stage_table(costs, alone)
     out["stages"] = stage_rows
-    print(f"\n## Trained head: measured speedup over AR ({cfg.ar_threads} threads, {t_ar / MS:.2f} ms/token)\n")
+    print(f"\n## Head {cfg.head_path}: measured speedup over AR ({cfg.ar_threads} threads, {t_ar / MS:.2f} ms/token)\n")
     print("| method | α | ms/token | speedup | predicted | vs 1-thread AR | lossless |\n|---|---|---|---|---|---|---|")
     print(f"| ar | | {t_ar / MS:.2f} | 1.00× | | {ar1_run.s_per_token / t_ar:.2f}× | |")
     e, p = out["eesd"], out["ppsd"]
@@ -351,7 +350,7 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     print(f"| ppsd S={cfg.stages} | {alpha:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}× | "
           f"{p['predicted_speedup']:.2f}× | {p['speedup_vs_1thread_ar']:.2f}× | {p['lossless']} |")
     print("\nEESD γ sweep (speedup): " + ", ".join(f"γ={g}: {s:.2f}×" for g, s in out["eesd"]["sweep"].items()))
-    print("\nPPSD stages (trained head):\n" + table, flush=True)
+    print("\nPPSD stages (this head):\n" + table, flush=True)
     return out
 
 
@@ -390,11 +389,11 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
             "ppsd_measured": t_ar / run.s_per_token, "ppsd_predicted": t_ar / predicted,
             "ppsd_error": run.s_per_token / predicted - 1,
             "ppsd_predicted_alone": t_ar / theory.ppsd_time_per_token(
-                measured_alpha, [a + x for a, x in zip(alone, [0.0] + costs["send_s"][1:])], costs["feedback_s"],
+                measured_alpha, [a + x for a, x in zip(alone, costs["send_s"])], costs["feedback_s"],
                 costs["window"]),
             "ppsd_lossless": lossless(run, references),
             "tick_ms": theory.ppsd_tick(costs["stage_s"], costs["feedback_s"], costs["window"]) / MS,
-            "latency_ms": (sum(costs["stage_s"]) + costs["feedback_s"]) / MS,
+            "latency_ms": theory.ppsd_flush_latency(costs["stage_s"], costs["feedback_s"], costs["window"]) / MS,
             "contention": [c / a for c, a in zip(costs["compute_s"], alone)],
             "eesd_gamma": gamma, "eesd_alpha": e_alpha, "eesd_ms": erun.s_per_token / MS,
             "eesd_measured": t_ar / erun.s_per_token, "eesd_predicted": t_ar / e_pred,

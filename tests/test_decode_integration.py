@@ -23,7 +23,7 @@ def setup(smollm2, spec_bench_path, tmp_path_factory):
     questions = read_questions(spec_bench_path)
     picks = [questions[i] for i in (0, 80, 200)]  # writing, a later MT-bench category, a Spec-Bench task
     prompts = [smollm2.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in picks]
-    ar = Decoder("ar", base=smollm2)
+    ar = Decoder("ar", base=smollm2, threads=1)  # a shared CI box: oversubscribed threads only slow it down
     reference = [ar.generate(p, MAX_NEW).tokens for p in prompts]
     return heads, prompts, reference
 
@@ -31,7 +31,7 @@ def setup(smollm2, spec_bench_path, tmp_path_factory):
 @pytest.mark.parametrize("head", ["deep", "untrained"])
 def test_eesd_is_lossless_on_smollm2(smollm2, setup, head):
     heads, prompts, reference = setup
-    dec = Decoder("eesd", heads[head], base=smollm2, gamma=4)
+    dec = Decoder("eesd", heads[head], base=smollm2, gamma=4, threads=1)
     gens = [dec.generate(p, MAX_NEW) for p in prompts]
     assert [g.tokens for g in gens] == reference
     alpha = sum(g.drafts_accepted for g in gens) / sum(g.drafts_verified for g in gens)
@@ -39,19 +39,12 @@ def test_eesd_is_lossless_on_smollm2(smollm2, setup, head):
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_ppsd_is_lossless_on_smollm2(smollm2, setup, stages):
+@pytest.mark.parametrize("head", ["deep", "untrained"])
+def test_ppsd_is_lossless_on_smollm2(smollm2, setup, head, stages):
     heads, prompts, reference = setup
-    from heads import load_head
-
-    with Decoder("ppsd", heads["deep"], base=smollm2, stages=stages) as dec:
-        for head in ("deep", "untrained") if stages == 2 else ("deep",):
-            if head != "deep":  # same layout needs the same exit layer: a fresh pipeline for E=8
-                break
-            gens = [dec.generate(p, MAX_NEW) for p in prompts]
-            assert [g.tokens for g in gens] == reference
-            assert sum(g.drafts_accepted for g in gens) / sum(g.drafts_verified for g in gens) > 0.4
-    with Decoder("ppsd", heads["untrained"], base=smollm2, stages=stages) as dec:
+    with Decoder("ppsd", heads[head], base=smollm2, stages=stages) as dec:
         gens = [dec.generate(p, MAX_NEW) for p in prompts]
-        assert [g.tokens for g in gens] == reference  # acceptance near 0: still finishes, still exact
-        assert all(len(g.stats["stages"]) == stages for g in gens)
-    del load_head
+    assert [g.tokens for g in gens] == reference  # untrained: acceptance near 0, still finishes, still exact
+    alpha = sum(g.drafts_accepted for g in gens) / sum(g.drafts_verified for g in gens)
+    assert (alpha > 0.4) if head == "deep" else (alpha < 0.4)
+    assert all(len(g.stats["stages"]) == stages for g in gens)

@@ -12,6 +12,7 @@ from decode.theory import (
     format_table,
     ideal_ppsd_speedup,
     ppsd_speedup,
+    ppsd_flush_latency,
     ppsd_time_per_token,
     predict_table,
     stage_costs,
@@ -27,6 +28,7 @@ def test_ppsd_time_per_token_by_hand():
     assert ppsd_time_per_token(0.5, [3.0, 5.0, 4.0]) == pytest.approx(8.5)
     # speedup against T_AR = 14: 14 / 7 = 2.0
     assert ppsd_speedup(0.75, [3.0, 5.0, 4.0], 14.0, feedback_s=1.0) == pytest.approx(2.0)
+    assert ppsd_flush_latency([3.0, 5.0, 4.0], 1.0) == pytest.approx(13.0)
 
 
 def test_window_limits_the_tick():
@@ -34,8 +36,16 @@ def test_window_limits_the_tick():
     assert ppsd_time_per_token(0.75, [3.0, 5.0, 4.0], 1.0, window=3) == pytest.approx(7.0)
     # α = 0.75: 0.75·6.5 + 0.25·13 = 4.875 + 3.25 = 8.125
     assert ppsd_time_per_token(0.75, [3.0, 5.0, 4.0], 1.0, window=2) == pytest.approx(8.125)
-    # α = 0 pays L whatever the window
-    assert ppsd_time_per_token(0.0, [3.0, 5.0, 4.0], 1.0, window=1) == pytest.approx(13.0)
+    # α = 0 pays L while window·τ₀ <= L: 3·3 = 9 < 13
+    assert ppsd_time_per_token(0.0, [3.0, 5.0, 4.0], 1.0, window=3) == pytest.approx(13.0)
+
+
+def test_window_delays_the_restart_when_stage0_is_slow():
+    # stages [6, 3], feedback 1: L = 10, but with 2 in flight stage 0 finishes its speculative position
+    # before reading the verdict: restart every max(10, 2·6) = 12; tick = max(6, 10/2) = 6
+    # α = 0.5: 0.5·6 + 0.5·12 = 9 (without the window: 0.5·6 + 0.5·10 = 8)
+    assert ppsd_time_per_token(0.5, [6.0, 3.0], 1.0, window=2) == pytest.approx(9.0)
+    assert ppsd_time_per_token(0.5, [6.0, 3.0], 1.0) == pytest.approx(8.0)
 
 
 def test_ppsd_limits():

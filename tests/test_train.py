@@ -214,7 +214,7 @@ def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_model_dir, promp
 
 @pytest.mark.integration
 def test_short_smollm2_run_beats_the_untrained_head(tmp_path):
-    proc = _cli(["data=tiny", "data.max_new_tokens=48", "exit_layer=15", "epochs=3", "batch_size=4",
+    proc = _cli(["data=tiny", "data.max_new_tokens=48", "exit_layer=15", "epochs=4", "batch_size=2", "head.lr=3e-3",
                  f"data.cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'run'}", "wandb.enabled=false"])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]

@@ -18,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -215,7 +216,7 @@ def _wandb_run(cfg, out_dir: Path, resolved: dict):
     if mode == "disabled":
         return None
     id_file = out_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=mode,
                       dir=str(out_dir), config=resolved, id=run_id, resume="allow")
