@@ -17,7 +17,8 @@ from heads.errors import exit_on_user_error
 
 
 def _torchrun_rank() -> int | None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; rank >= 1 serves its stage and returns."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on this rank's GPU when CUDA is
+    available, else gloo) and return the rank; rank >= 1 then serves its stage."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import datetime
@@ -25,7 +26,11 @@ def _torchrun_rank() -> int | None:
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # NCCL sends tensors of the current CUDA device: make it this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
     return dist.get_rank()
 
@@ -38,13 +43,13 @@ def main(cfg: DictConfig) -> None:
             if rank:  # a verify stage: serve until rank 0 says stop
                 import torch.distributed as dist
 
-                from decode.decoder import resolve_base_model
+                from decode.decoder import resolve_base_model, resolve_device
                 from decode.pipeline import serve_torchrun
                 from heads.base import resolve_model_path
 
                 model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
                 serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "threads": cfg.stage_threads,
-                                "device": cfg.device, "worker_timeout_s": 3600.0})
+                                "device": resolve_device(cfg.device), "worker_timeout_s": 3600.0})
                 dist.destroy_process_group()
                 return
             from hydra.core.hydra_config import HydraConfig

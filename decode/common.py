@@ -90,7 +90,8 @@ class OracleDrafts:
 # ---- choosing and verifying tokens --------------------------------------------------------------
 
 def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    # on the CPU: the generators are CPU torch.Generators (reproducible whatever the model's device)
+    return torch.softmax(logits.float().cpu() / temperature, dim=-1)
 
 
 def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
@@ -117,6 +118,7 @@ def verify(logits: torch.Tensor, draft: int, draft_q: torch.Tensor | None, tempe
     if draft_q is None:  # a draft without a distribution (oracle) is a point mass
         draft_q = torch.zeros_like(p)
         draft_q[draft] = 1.0
+    draft_q = draft_q.to(p.device)  # the last stage receives q on its communication device
     ratio = float(p[draft]) / max(float(draft_q[draft]), 1e-30)
     if float(torch.rand((), generator=generator)) < min(1.0, ratio):
         return draft, True

@@ -11,6 +11,8 @@ ranks) and reuses them for every request; `close()` (or leaving the `with`) stop
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -45,6 +47,17 @@ def resolve_base_model(head_path: str | None, model: str | None) -> str:
         return embedded
 
 
+def resolve_device(requested: str | None) -> str:
+    """Where this process puts the base and head. Under torchrun (WORLD_SIZE > 1) "auto" (or null) and
+    "cuda" mean this rank's GPU, cuda:LOCAL_RANK, when CUDA is available; a single process with "auto"
+    stays on the CPU (its spawned stages talk over gloo on one machine: pass device=cuda to use a GPU)."""
+    requested = "auto" if requested is None else str(requested)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and torch.cuda.is_available() and requested in ("auto", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu" if requested == "auto" else requested
+
+
 class Decoder:
     """One method (ar | eesd | ppsd) bound to a base model and (for eesd/ppsd) an exit head."""
 
@@ -64,6 +77,7 @@ class Decoder:
             raise UserError(f"gamma={gamma}: eesd drafts at least one token per round")
         if method != "ar" and head is None and head_path is None:
             raise UserError(f"method={method} needs an exit head: pass head_path=FOLDER_OR_HUB_ID")
+        device = resolve_device(device)
         if base is None:
             base = load_base(resolve_base_model(head_path, model), dtype=dtype, device=device)
         self.base = base

@@ -200,7 +200,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
     the summary into out_dir; return the summary (the JSON line the entry point prints)."""
-    from decode.decoder import METHODS, Decoder, resolve_base_model
+    from decode.decoder import METHODS, Decoder, resolve_base_model, resolve_device
     from heads import load_base
 
     methods = [cfg.method] + [m for m in (cfg.compare or []) if m != cfg.method]
@@ -214,10 +214,11 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         questions = read_questions(cfg.prompts, cfg.limit)
     else:
         raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=cfg.device)
+    device = resolve_device(cfg.device)
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device)
     kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
                   threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
-                  device=cfg.device)
+                  device=device)
     decoders = {}
     try:
         head = None

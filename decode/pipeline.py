@@ -10,6 +10,9 @@ Every work message carries (epoch, position): an epoch changes on each flush (a 
 each new request, so a stage drops stale work instead of waiting for it, and crops its KV cache to
 the position of the first message of a newer epoch. Rank 0 waits on every receive with a deadline;
 a dead peer closes its sockets (gloo reports it at once), a hung one trips the deadline.
+
+Every tensor a Link sends or receives lives on its `device` (`comm_device()`): this rank's CUDA device
+under NCCL (which moves only CUDA tensors), the CPU under gloo. Link.send moves payloads there itself.
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def split_layers(num_layers: int, exit_layer: int, stages: int, layer_costs=None
 @torch.inference_mode()
 def measure_costs(base, repeats: int = 7) -> tuple[float, float]:
     """(one decoder layer, final norm + LM head) for one position with a short KV cache, seconds (median)."""
+    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)  # CUDA kernels are async
     layer = base.loaded_layers.start
     r = base.range(layer, layer + 1)
     h = torch.randn(1, 16, base.hidden_size, dtype=base.dtype, device=base.device)
@@ -152,10 +156,13 @@ def measure_costs(base, repeats: int = 7) -> tuple[float, float]:
     x = h[:, :1]
     layer_t, head_t = [], []
     for i in range(repeats):
+        sync()
         t0 = time.perf_counter()
         r.forward(x, positions(16 + i, 1, base.device))
+        sync()
         t1 = time.perf_counter()
         base.logits(x)
+        sync()
         t2 = time.perf_counter()
         layer_t.append(t1 - t0), head_t.append(t2 - t1)
     return sorted(layer_t)[repeats // 2], sorted(head_t)[repeats // 2]
@@ -163,20 +170,31 @@ def measure_costs(base, repeats: int = 7) -> tuple[float, float]:
 
 # ---- point-to-point messages --------------------------------------------------------------------
 
-class Link:
-    """One rank's sends (kept alive until complete) and receives (each with a deadline)."""
+def comm_device() -> torch.device:
+    """Where this rank's message tensors must live: NCCL sends only CUDA tensors (the device chosen with
+    torch.cuda.set_device(LOCAL_RANK) before init_process_group), gloo sends CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    def __init__(self, rank: int, device, timeout_s: float, describe=None):
+
+class Link:
+    """One rank's sends (kept alive until complete) and receives (each with a deadline), every tensor on
+    `device` (default: comm_device() of the initialised process group)."""
+
+    def __init__(self, rank: int, timeout_s: float, describe=None, device=None):
         self.rank = rank
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else comm_device()
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.pending: deque = deque()
         self.send_s = 0.0
         self.describe = describe or (lambda src: f"stage {src}")
 
-    def send(self, dst: int, header: Header, *payload: torch.Tensor) -> None:
+    def send(self, dst: int, header: Header | None, *payload: torch.Tensor) -> None:
+        """Post a header (None: payload only) and its payload tensors, moved to this link's device."""
         start = time.perf_counter()
-        tensors = [header.tensor(self.device)] + [t.contiguous() for t in payload]
+        tensors = ([header.tensor(self.device)] if header is not None else []) + \
+            [t.to(self.device).contiguous() for t in payload]
         try:
             works = [dist.isend(t, dst) for t in tensors]
             self.pending.append((dst, works, tensors))
@@ -232,7 +250,7 @@ def serve(rank: int, world: int, spec: dict) -> None:
     base = load_base(spec["model_path"], dtype=spec["dtype"], device=spec.get("device", "cpu"), layers=layers,
                      embedding=False, lm_head=last)
     stage = base.range(layers.start, layers.stop)
-    link = Link(rank, spec.get("comm_device", "cpu"), spec["worker_timeout_s"])
+    link = Link(rank, spec["worker_timeout_s"])
     prev, nxt = rank - 1, rank + 1
     link.send(0, Header(READY))
     epoch, temperature, rng = -1, 0.0, None
@@ -267,7 +285,8 @@ def serve(rank: int, world: int, spec: dict) -> None:
             if h.kind != WORK:
                 raise PipelineError(f"stage {rank}: unexpected message kind {h.kind}")
             hidden = link.recv(prev, (1, h.n, base.hidden_size), base.dtype)
-            q = link.recv(0, (base.vocab_size,), torch.float32) if h.flag & HAS_Q else None
+            # q comes straight from rank 0 to the last stage only: a middle stage just forwards the flag
+            q = link.recv(0, (base.vocab_size,), torch.float32) if last and h.flag & HAS_Q else None
             arrived = time.perf_counter()
             stats.blocked_s += arrived - t0
             if h.epoch < epoch:  # stale: a flush happened after it was sent (only the last stage knows early)
@@ -296,7 +315,7 @@ def serve(rank: int, world: int, spec: dict) -> None:
             else:
                 stats.prefill_s += c1 - c0
             if not last:
-                link.send(nxt, Header(WORK, h.epoch, h.pos, h.n, h.token, h.flag), out.to(link.device))
+                link.send(nxt, Header(WORK, h.epoch, h.pos, h.n, h.token, h.flag), out)
                 continue
             link.send(0, Header(VERDICT, epoch, h.pos + h.n - 1, 0, token, int(ok)))
             if not ok:  # flush: everything in flight is stale; stage 0 restarts after this position
@@ -362,9 +381,8 @@ class Pipeline:
         self.epoch = 0
         self.closed = False
         self.owns_group = spawn
-        comm_device = "cpu"
         spec = {"model_path": model_path, "dtype": dtype, "threads": stage_threads, "device": device,
-                "comm_device": comm_device, "worker_timeout_s": worker_timeout_s}
+                "worker_timeout_s": worker_timeout_s}
         if spawn:
             import torch.multiprocessing as mp
 
@@ -385,7 +403,7 @@ class Pipeline:
             if dist.get_world_size() != self.stages:
                 raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
                                 f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
-        self.link = Link(0, comm_device, timeout_s, describe=self._describe)
+        self.link = Link(0, timeout_s, describe=self._describe)
         if not spawn:
             for rank in range(1, self.stages):
                 self.link.send(rank, Header(LAYOUT, pos=layout[rank].start, n=layout[rank].stop))
@@ -426,18 +444,9 @@ class Pipeline:
 
     def send_work(self, epoch: int, pos: int, hidden: torch.Tensor, draft: int, q: torch.Tensor | None) -> None:
         flag = HAS_Q if q is not None else 0
-        self.link.send(1, Header(WORK, epoch, pos, hidden.shape[1], draft, flag), hidden.to(self.link.device))
+        self.link.send(1, Header(WORK, epoch, pos, hidden.shape[1], draft, flag), hidden)
         if q is not None:  # straight to the verifier: the middle stages never need it
-            self._send_q(q)
-
-    def _send_q(self, q: torch.Tensor) -> None:
-        start = time.perf_counter()
-        t = q.float().to(self.link.device).contiguous()
-        try:
-            self.link.pending.append((self.last, [dist.isend(t, self.last)], [t]))
-        except RuntimeError as e:
-            raise self.link._error(self.last, e) from None
-        self.link.send_s += time.perf_counter() - start
+            self.link.send(self.last, None, q.float())
 
     def recv_verdict(self) -> Header:
         return self._expect(self.link.recv_header(self.last), VERDICT)
@@ -500,7 +509,7 @@ class Pipeline:
 def serve_torchrun(spec: dict) -> None:
     """Ranks >= 1 under torchrun: receive the layout from rank 0, then serve until STOP."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    link = Link(rank, spec.get("comm_device", "cpu"), spec["worker_timeout_s"])
+    link = Link(rank, spec["worker_timeout_s"])
     h = link.recv_header(0, timeout=spec.get("load_timeout_s", 3600))
     if h.kind == STOP:
         return

@@ -41,9 +41,11 @@ def reference(ar):
     return [ar.generate(prompt, 40).tokens for prompt in PROMPTS]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["stages2", "stages3"])
-def ppsd(request, tiny_base, heads):
-    with Decoder("ppsd", heads["mlp"], base=tiny_base, stages=request.param, timeout_s=20) as dec:
+@pytest.fixture(scope="module")
+def ppsd(tiny_base, heads):
+    """One 3-stage pipeline for every ppsd test here: it has a middle stage and a last stage (a 2-stage
+    pipeline is the same code minus the middle stage; tests/test_pipeline.py runs one)."""
+    with Decoder("ppsd", heads["mlp"], base=tiny_base, stages=3, timeout_s=20) as dec:
         yield dec
 
 
@@ -151,22 +153,22 @@ def test_verify_rule_keeps_the_target_distribution():
     q = torch.tensor([0.1, 0.2, 0.3, 0.4])
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
-    n = 20000
-    for _ in range(n):
+    n = 5000  # 0.03 is > 4 standard deviations (sqrt(0.25 / n) = 0.007); a residual taken from p instead
+    for _ in range(n):  # of max(p - q, 0) would be off by 0.15 on token 0, emitting the draft as is by 0.4
         d = int(torch.multinomial(q, 1, generator=g))
         token, _ = verify(torch.log(p), d, q, 1.0, g)
         counts[token] += 1
-    assert (counts / n - p).abs().max() < 0.015
+    assert (counts / n - p).abs().max() < 0.03
     assert verify(torch.tensor([0.0, 3.0, 1.0]), 1, None, 0.0, None) == (1, True)
     assert verify(torch.tensor([0.0, 3.0, 1.0]), 2, None, 0.0, None) == (1, False)
 
 
 def test_ppsd_sampling_matches_the_models_distribution(ppsd, tiny_base):
     """First new token sampled by ppsd (the last stage applies the rule against stage 0's q) vs the
-    model's p, chi-square over the likely tokens + the rest; q is far from p, so a wrong rule fails."""
-    if ppsd.stages != 2:
-        pytest.skip("one pipeline is enough for the statistics")
-    temperature, prompt, n = 0.3, PROMPTS[0], 300
+    model's p, chi-square over the likely tokens + the rest; q is far from p (total variation > 0.5), so
+    a wrong rule fails: forwarding the draft as is gives an expected chi-square of n * sum((q - p)^2 / p),
+    far above the bound already at n = 150."""
+    temperature, prompt, n = 0.3, PROMPTS[0], 150
     with torch.inference_mode():
         logits = tiny_base.model(torch.tensor([prompt])).logits[0, -1]
         _, draft_logits = draft_step(tiny_base, ppsd.head, tiny_base.range(0, 2), torch.tensor([prompt]), 0)

@@ -154,5 +154,5 @@ def test_export_command_writes_folder_and_rejects_bad_input(tiny_base, tmp_path)
     bad = run_export(f"head_path={tmp_path / 'head'}", cwd=ROOT)  # neither repo_id nor local_dir
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: pass exactly one of repo_id=owner/name (upload to the Hub) or local_dir=<folder> (write locally)"]
-    again = run_export(f"head_path={tmp_path / 'head'}", f"local_dir={tmp_path / 'out'}", cwd=ROOT)
-    assert again.returncode == 2 and "not empty" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    with pytest.raises(UserError, match="exists and is not empty"):  # never overwrite by accident
+        write_head_folder(str(tmp_path / "head"), tmp_path / "out")

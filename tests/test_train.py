@@ -152,6 +152,17 @@ def test_bad_config_is_a_user_error(tiny_model_dir, prompt_file, tmp_path, overr
         _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache", *overrides))
 
 
+def test_init_from_a_head_of_another_base_is_a_user_error(tiny_model_dir, prompt_file, tmp_path):
+    from heads import build_head, load_base
+    from tests.conftest import make_tiny_model
+
+    other = load_base(str(make_tiny_model(tmp_path / "other", num_layers=4)))
+    build_head(other, "mlp", exit_layer=3).save_pretrained(tmp_path / "head")
+    with pytest.raises(UserError, match="trained on"):
+        _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                        f"init_from={tmp_path / 'head'}"))
+
+
 def test_prompt_longer_than_the_context_is_a_user_error(tiny_model_dir, tmp_path):
     long = _write(tmp_path / "long.jsonl", [json.dumps({"id": "long", "turns": ["word " * 1200]})] * 2)
     with pytest.raises(UserError, match="exceeds the model's context"):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from heads import UserError, build_head, load_base
+from heads import UserError, build_head, load_base, load_head
 from heads.head import HEAD_TYPES
 from train import data as D
 from train.losses import LOSSES, distill_loss, expected_acceptance, top1_agreement
@@ -188,6 +188,18 @@ class HeadSet(nn.Module):
         return students, teacher
 
 
+def warm_start(model: HeadSet, folder: str, base) -> None:
+    """Start from a trained head folder (it must fit this base, exit layer and head type)."""
+    head = load_head(folder, base)
+    name = f"L{head.exit_layer}"
+    mine = model.heads[next(iter(model.heads))]
+    if name not in model.heads or head.head_type != mine.head_type or \
+            (head.head_type == "mlp" and head.up.out_features != mine.up.out_features):
+        raise UserError(f"init_from={folder} is a {head.describe()}, but this job trains {mine.head_type} heads "
+                        f"at layers {[int(n[1:]) for n in model.heads]}: match exit_layer, head and head.mlp_hidden")
+    model.heads[name].load_state_dict(head.state_dict())
+
+
 def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
     warm = max(1, round(warmup * total_steps))
 
@@ -331,6 +343,8 @@ def train(cfg) -> dict:
 
     # model + DeepSpeed engine (only the heads are trainable; the base stays outside the engine)
     model = HeadSet(base, head_type, exit_layers, cfg.head.mlp_hidden)
+    if cfg.init_from:
+        warm_start(model, cfg.init_from, base)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.head.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup, cfg.min_lr_ratio))
