@@ -37,6 +37,7 @@ def _torchrun_rank() -> int | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="decode")
 def main(cfg: DictConfig) -> None:
+    rank = None
     with exit_on_user_error():
         try:
             rank = _torchrun_rank()
@@ -63,6 +64,21 @@ def main(cfg: DictConfig) -> None:
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
+        finally:
+            if rank == 0:  # torchrun's rank 0: never leave the other ranks waiting, then leave the group
+                _leave_torchrun_group()
+
+
+def _leave_torchrun_group() -> None:
+    import torch.distributed as dist
+
+    from decode.pipeline import release_torchrun_ranks
+
+    try:
+        release_torchrun_ranks()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -371,6 +371,8 @@ class Pipeline:
     the other ranks run `serve_torchrun`.
     """
 
+    adopted_ranks = False  # torchrun: the other ranks got their layout (they stop when this pipeline closes)
+
     def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
                  device: str = "cpu", vocab_size: int, hidden_size: int):
@@ -405,6 +407,7 @@ class Pipeline:
                                 f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
         self.link = Link(0, timeout_s, describe=self._describe)
         if not spawn:
+            Pipeline.adopted_ranks = True
             for rank in range(1, self.stages):
                 self.link.send(rank, Header(LAYOUT, pos=layout[rank].start, n=layout[rank].stop))
         for rank in range(1, self.stages):  # weights loaded
@@ -504,6 +507,17 @@ class Pipeline:
                 dist.destroy_process_group()
             except Exception:
                 pass
+
+
+def release_torchrun_ranks(timeout_s: float = 10.0) -> None:
+    """Rank 0 under torchrun, at exit: if no pipeline ever took the other ranks (no ppsd method, or an
+    error before it started), tell them to stop instead of leaving them waiting for a layout."""
+    if Pipeline.adopted_ranks or not dist.is_initialized() or dist.get_rank() != 0:
+        return
+    link = Link(0, timeout_s)
+    for rank in range(1, dist.get_world_size()):
+        link.send(rank, Header(STOP))
+    link.finish_sends()
 
 
 def serve_torchrun(spec: dict) -> None:

@@ -12,7 +12,7 @@ from heads import build_head
 
 pytestmark = pytest.mark.integration
 
-MAX_NEW = 24
+MAX_NEW = 20  # with 2 prompts: 40 verified drafts per run, several flushes even at alpha = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def setup(smollm2, spec_bench_path, tmp_path_factory):
         build_head(smollm2, "mlp", exit_layer).save_pretrained(folder / name)
         heads[name] = str(folder / name)
     questions = read_questions(spec_bench_path)
-    picks = [questions[i] for i in (0, 80, 200)]  # writing, a later MT-bench category, a Spec-Bench task
+    picks = [questions[i] for i in (0, 200)]  # an MT-bench writing question, a Spec-Bench task
     prompts = [smollm2.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in picks]
     ar = Decoder("ar", base=smollm2, threads=1)  # a shared CI box: oversubscribed threads only slow it down
     reference = [ar.generate(p, MAX_NEW).tokens for p in prompts]
@@ -33,7 +33,8 @@ def setup(smollm2, spec_bench_path, tmp_path_factory):
 @pytest.mark.parametrize("head", ["deep", "untrained"])
 def test_eesd_is_lossless_on_smollm2(smollm2, setup, head):
     heads, prompts, reference = setup
-    dec = Decoder("eesd", heads[head], base=smollm2, gamma=4, threads=1)
+    # the untrained head's drafts almost all miss: gamma=2 checks the same rollback at half the draft work
+    dec = Decoder("eesd", heads[head], base=smollm2, gamma=4 if head == "deep" else 2, threads=1)
     gens = [dec.generate(p, MAX_NEW) for p in prompts]
     assert [g.tokens for g in gens] == reference
     alpha = sum(g.drafts_accepted for g in gens) / sum(g.drafts_verified for g in gens)
