@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -489,8 +490,14 @@ def sweep(cfg: DictConfig) -> dict:
     return {"out_dir": str(out.resolve()), "base_model": base_model, "candidates": len(candidates)} | selected
 
 
+def exit_on_sigterm() -> None:
+    """`kill` (or a scheduler) stopping the sweep unwinds it like ctrl-c, so its child is killed too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
+    exit_on_sigterm()
     with exit_on_user_error():
         print(json.dumps(sweep(cfg)), flush=True)
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from heads.errors import exit_on_user_error
-from scripts.sweep import model_slug, sweep
+from scripts.sweep import exit_on_sigterm, model_slug, sweep
 
 
 def metrics(results: dict) -> dict:
@@ -54,6 +54,7 @@ def run_point(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep_point")
 def main(cfg: DictConfig) -> None:
+    exit_on_sigterm()
     with exit_on_user_error():
         print(json.dumps(run_point(cfg)), flush=True)
 
