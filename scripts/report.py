@@ -153,6 +153,22 @@ def closeness(rows: list[dict]) -> str:
     return ("; ".join(parts) + ".") if parts else "No theory comparison available."
 
 
+def noise_warnings(rows: list[dict]) -> list[str]:
+    """Signs the timings are not to be trusted: ar is the same work in every candidate, and no PPSD run can
+    beat the ideal bound N/(αE+(1−α)N) by much unless its ar baseline was slowed down."""
+    warnings = []
+    ar = [r["ar_tokens_per_s"] for r in rows if r.get("ar_tokens_per_s")]
+    if len(ar) > 1 and max(ar) / min(ar) > 1.25:
+        warnings.append(f"ar ran at {min(ar):.1f}–{max(ar):.1f} tokens/s across candidates ({max(ar) / min(ar):.1f}× spread) "
+                        "for the same work: the machine was busy and these speedups are noise; rerun on a quiet machine")
+    over = [r["key"] for r in rows if r.get("ppsd_speedup") and r.get("ideal_speedup")
+            and r["ppsd_speedup"] > 1.25 * r["ideal_speedup"]]
+    if over:
+        warnings.append(f"PPSD beat its ideal bound by more than 25% in {', '.join(over)}: the ar baseline of those runs "
+                        "was slowed down (CPU contention), not PPSD sped up")
+    return warnings
+
+
 def write_report(out: Path, results: dict) -> dict[str, Path]:
     rows = results["candidates"]
     num_layers = results["num_layers"]
@@ -164,6 +180,7 @@ def write_report(out: Path, results: dict) -> dict[str, Path]:
     text = "\n".join([
         f"# Exit-position sweep: {results['base_model']}", "",
         verdict(results["selected"]), "",
+        *[f"> **Warning:** {w}.\n" for w in noise_warnings(rows)],
         f"- Hardware: {results.get('hardware')}",
         f"- Prompts: `{results.get('prompts')}` (first {results.get('limit')}), {results.get('max_new_tokens')} new tokens, greedy",
         f"- Base: {num_layers} decoder layers; every speedup is over ar measured in the same run on the same prompts.",

@@ -451,6 +451,9 @@ def finish(out: Path, manifest: dict, candidates: list[Candidate]) -> dict:
         write_head_folder(row["head_path"], out / "selected_head", measured=measured, overwrite=True)
         selected["selected_head"] = str((out / "selected_head").resolve())
         results["selected"] = selected
+    from scripts.report import noise_warnings
+
+    results["warnings"] = noise_warnings(rows)
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
     write_report(out, results)
@@ -487,7 +490,8 @@ def sweep(cfg: DictConfig) -> dict:
         evaluate(out, cfg, candidates, heads, num_layers, progress)
     results = finish(out, manifest, candidates)
     selected = results["selected"]
-    return {"out_dir": str(out.resolve()), "base_model": base_model, "candidates": len(candidates)} | selected
+    return ({"out_dir": str(out.resolve()), "base_model": base_model, "candidates": len(candidates)} | selected
+            | {"warnings": results["warnings"]})
 
 
 def exit_on_sigterm() -> None:

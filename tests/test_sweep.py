@@ -225,3 +225,14 @@ def test_smollm2_sweep_end_to_end(spec_bench_path, tmp_path):
         assert row["ar_tokens_per_s"] > 0 and row["ppsd_predicted_speedup"] > 0
     assert summary["method"] in ("ppsd", "eesd", "ar")
     assert (summary["method"] == "ar") == (max(r["best_speedup"] for r in results["candidates"]) <= 1.0)
+
+
+def test_report_flags_timings_a_busy_machine_spoiled():
+    from scripts.report import noise_warnings
+
+    quiet = [{"key": "a", "ar_tokens_per_s": 30.0, "ppsd_speedup": 1.2, "ideal_speedup": 1.4},
+             {"key": "b", "ar_tokens_per_s": 32.0, "ppsd_speedup": 1.3, "ideal_speedup": 1.5}]
+    assert noise_warnings(quiet) == []
+    busy = quiet + [{"key": "c", "ar_tokens_per_s": 3.0, "ppsd_speedup": 2.9, "ideal_speedup": 1.1}]
+    warnings = noise_warnings(busy)
+    assert "3.0–32.0 tokens/s" in warnings[0] and "in c:" in warnings[1]
