@@ -132,7 +132,8 @@ def results_table(rows: list[dict]) -> str:
 
 def verdict(selected: dict) -> str:
     if not selected.get("beats_ar"):
-        return f"**Nothing beats ar on this hardware.** {selected['note'][0].upper() + selected['note'][1:]}; use plain ar decoding."
+        detail = selected["note"].split(": ", 1)[-1]  # the note opens with the verdict itself
+        return f"**Nothing beats ar on this hardware:** {detail}; use plain ar decoding."
     how = f"{selected['stages']} stages" if selected["method"] == "ppsd" else f"γ={selected.get('gamma')}"
     return (f"**Selected: {selected['method']} ({how}) with the {selected['head']} head at exit layer "
             f"{selected['exit_layer']}: {selected['measured_speedup']:.2f}× over ar, measured** "
