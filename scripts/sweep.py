@@ -35,6 +35,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from decode.evaluate import read_questions
 from heads.errors import UserError, exit_on_user_error
 from heads.head import HEAD_TYPES
 
@@ -78,24 +79,6 @@ def model_slug(model: str) -> str:
     """A folder name for a model: "smollm2", "Qwen--Qwen2.5-0.5B", or a local folder's name."""
     path = Path(model).expanduser()
     return path.name if path.is_dir() else model.replace("/", "--")
-
-
-def count_prompts(path: str) -> int:
-    """Spec-Bench-format records (a non-empty `turns` list) in a JSONL file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"prompt file '{path}' does not exist: pass prompts=<Spec-Bench-format JSONL>")
-    count = 0
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"prompt file '{path}' line {number} is not JSON: one Spec-Bench record per line") from None
-        if isinstance(record, dict) and record.get("turns"):
-            count += 1
-    return count
 
 
 def plan(cfg: DictConfig, num_layers: int) -> list[Candidate]:
@@ -478,8 +461,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def sweep(cfg: DictConfig) -> dict:
     if not cfg.prompts:
         raise UserError("no prompt set: pass prompts=<Spec-Bench-format JSONL>")
-    if count_prompts(cfg.prompts) == 0:
-        raise UserError(f"prompt file '{cfg.prompts}' holds no prompts (records with a non-empty `turns` list)")
+    read_questions(cfg.prompts)  # the decoder's own reader: one-line errors for a missing, empty or malformed file
     base_model, num_layers = base_info(str(cfg.model))
     candidates = plan(cfg, num_layers)
     out = Path(cfg.out_dir or Path("sweeps") / model_slug(str(cfg.model))).expanduser()

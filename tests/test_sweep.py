@@ -185,7 +185,7 @@ def test_bad_prompts_and_foreign_folder_are_refused(tiny_model_dir, spec_bench_p
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(UserError, match="holds no prompts"):
+    with pytest.raises(UserError, match="holds no questions"):
         sweep(sweep_cfg(tiny_model_dir, empty, tmp_path / "a"))
     with pytest.raises(UserError, match="does not exist"):
         sweep(sweep_cfg(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "a"))
