@@ -64,7 +64,8 @@ def test_agent_command_for_one_grid_point_runs_offline_and_logs_speedup(tiny_mod
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["exit_layer"] == 3 or result.get("fastest_candidate", {}).get("exit_layer") == 3
+    # Whether the point beats ar depends on this machine's timings: the layer is named either way.
+    assert result.get("exit_layer") == 3 or result.get("fastest_candidate", {}).get("exit_layer") == 3
     assert isinstance(result["speedup"], float) and result["speedup"] > 0
 
     out = Path(result["out_dir"])
