@@ -488,10 +488,14 @@ class Pipeline:
             if p.is_alive():
                 p.kill()
                 p.join(1)
+        self._leave_group()
+
+    def _leave_group(self) -> None:
+        """Destroy the process group this handle created (a torchrun group belongs to the launcher)."""
         if self.owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()
-            except Exception:
+            except Exception:  # a dead peer can make teardown fail; nothing is left to save
                 pass
 
     def kill(self) -> None:
@@ -502,11 +506,7 @@ class Pipeline:
                 p.kill()
         for p in self.processes:
             p.join(2)
-        if self.owns_group and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+        self._leave_group()
 
 
 def release_torchrun_ranks(timeout_s: float = 10.0) -> None:
