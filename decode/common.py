@@ -149,13 +149,23 @@ def head_hidden(base, head, hidden: torch.Tensor, position_ids: torch.Tensor, ca
                 attention_mask=mask, position_ids=position_ids, cache=cache)
 
 
+def lower_step(base, lower, token_ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding + layers [0, E) on tokens at positions [start, start+T): (h_E, their position ids)."""
+    pos = positions(start, token_ids.shape[1], token_ids.device)
+    return lower.forward(base.embed(token_ids), pos), pos
+
+
+def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with_logits: bool = True):
+    """Exit head on h_E, then the draft logits of the last position (None: only keep the head's cache in step)."""
+    out = head_hidden(base, head, hidden, pos, lower.cache)
+    return base.logits(out[:, -1:])[0, -1] if with_logits else None
+
+
 def draft_step(base, head, lower, token_ids: torch.Tensor, start: int, with_logits: bool = True):
     """Layers [0, E) + exit head on tokens at positions [start, start+T): (h_E, draft logits of the last
     position or None). The head runs on every position so its cache stays in step with the layers'."""
-    pos = positions(start, token_ids.shape[1], token_ids.device)
-    hidden = lower.forward(base.embed(token_ids), pos)
-    out = head_hidden(base, head, hidden, pos, lower.cache)
-    return hidden, (base.logits(out[:, -1:])[0, -1] if with_logits else None)
+    hidden, pos = lower_step(base, lower, token_ids, start)
+    return hidden, head_logits(base, head, lower, hidden, pos, with_logits)
 
 
 class Timer:

@@ -93,7 +93,8 @@ class Decoder:
                                        layer_costs=[layer_s] * base.num_layers, lm_head_cost=lm_head_s,
                                        stage_layers=stage_layers)
             torchrun = dist.is_initialized()
-            self.pipeline = Pipeline(str(base.folder), str(dtype), self.layout, spawn=not torchrun,
+            stage_dtype = str(base.dtype).removeprefix("torch.")  # the stages compute exactly as this base does
+            self.pipeline = Pipeline(str(base.folder), stage_dtype, self.layout, spawn=not torchrun,
                                      stage_threads=stage_threads, timeout_s=timeout_s,
                                      worker_timeout_s=worker_timeout_s, device=device,
                                      vocab_size=base.vocab_size, hidden_size=base.hidden_size)

@@ -124,7 +124,7 @@ def stage_summary(gens: list[Generation]) -> list[dict]:
         w = [max(r["positions"], 1) for r in rows]
         mean = lambda key: _weighted([(r[key], x) for r, x in zip(rows, w)])  # noqa: E731
         out.append({"layers": rows[0]["layers"], "positions": sum(r["positions"] for r in rows),
-                    "compute_s": mean("compute_s"), "send_s": mean("send_s"),
+                    "compute_s": mean("compute_s"), "send_s": mean("send_s"), "head_s": mean("head_s"),
                     "busy_fraction": mean("busy_fraction"), "blocked_s": sum(r["blocked_s"] for r in rows),
                     "bubble_s": sum(r["bubble_s"] for r in rows), "dropped": sum(r["dropped"] for r in rows),
                     "flushes": sum(r["flushes"] for r in rows), "contention": mean("contention")})
@@ -144,11 +144,26 @@ def predict(method: str, gens: list[Generation], t_ar: float | None, gamma: int,
         return {"predicted_speedup": theory.eesd_speedup(alpha, gamma, draft_s, nearest, t_ar),
                 "draft_s": draft_s, "verify_s": verify_s,
                 "best_gamma": theory.best_eesd_gamma(alpha, draft_s, nearest, t_ar)}
+    model = pipeline_model(gens)
+    return {"predicted_speedup": t_ar / ppsd_time(alpha, model), "stages": stage_summary(gens)} | model
+
+
+def pipeline_model(gens: list[Generation]) -> dict:
+    """What decode/theory.py needs about a PPSD pipeline, measured in these generations: each stage's time
+    per position (compute + posting its sends), stage 0's head part (after h_E is sent), the feedback
+    (S hops, from the ping each request measures), the window and whether stage 0 polls for verdicts."""
     stages = stage_summary(gens)
-    stage_s = [s["compute_s"] + s["send_s"] for s in stages]
-    feedback_s = sum(g.stats["feedback_s"] for g in gens) / len(gens)
-    return {"predicted_speedup": theory.ppsd_speedup(alpha, stage_s, t_ar, feedback_s),
-            "stage_s": stage_s, "feedback_s": feedback_s, "stages": stages}
+    stats = gens[0].stats
+    hop = sum(g.stats["feedback_s"] for g in gens) / len(gens)
+    return {"stage_s": [s["compute_s"] + s["send_s"] for s in stages], "compute_s": [s["compute_s"] for s in stages],
+            "send_s": [s["send_s"] for s in stages], "head_s": stages[0]["head_s"], "feedback_s": len(stages) * hop,
+            "window": stats["window"], "poll": stats.get("polls", True)}
+
+
+def ppsd_time(alpha: float, model: dict, stage_s: list[float] | None = None) -> float:
+    """theory's PPSD time per token for a `pipeline_model` (optionally with other stage costs)."""
+    return theory.ppsd_time_per_token(alpha, stage_s or model["stage_s"], model["feedback_s"], model["window"],
+                                      min(model["head_s"], (stage_s or model["stage_s"])[0]), model["poll"])
 
 
 def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],

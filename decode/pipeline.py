@@ -5,7 +5,11 @@ Rank 0 is stage 0 (embedding + layers [0, E) + exit head: the draft loop in deco
 Rank i >= 1 holds layers stage_layers[i]; the last rank also the final norm + LM head and verifies.
 
 Messages are point-to-point (isend/irecv): a fixed int64 header, then payload tensors whose shape the
-header implies. Work flows 0 -> 1 -> ... -> S-1; verdicts (one per fresh position) flow S-1 -> 0.
+header implies. Work (h_E) flows 0 -> 1 -> ... -> S-1; each position's draft goes straight from rank 0 to
+the last stage in a DRAFT message sent *after* the work: stage 0 forwards h_E before it runs the exit
+head, so the head never sits on the verification path. Verdicts (one per fresh position) flow S-1 -> 0,
+where a reader thread queues them (gloo cannot poll a receive) so stage 0 can look for a rejection
+between its steps without blocking.
 Every work message carries (epoch, position): an epoch changes on each flush (a rejected draft) and
 each new request, so a stage drops stale work instead of waiting for it, and crops its KV cache to
 the position of the first message of a newer epoch. Rank 0 waits on every receive with a deadline;
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import queue
 import sys
 import threading
 import time
@@ -34,8 +39,9 @@ from decode import theory
 from heads.errors import UserError
 
 # message kinds
-WORK, BEGIN, END, STOP, VERDICT, DONE, STATS, PING, PONG, READY, LAYOUT = range(1, 12)
-HAS_Q = 1  # WORK flag: the draft distribution q follows (sampling), sent straight from rank 0 to the last stage
+WORK, BEGIN, END, STOP, VERDICT, DONE, STATS, PING, PONG, READY, LAYOUT, DRAFT = range(1, 13)
+HAS_Q = 1  # DRAFT flag: the draft distribution q follows (sampling)
+NO_DRAFT = -1  # the DRAFT of a position stage 0 already knows is stale (a rejection arrived before its head ran)
 MAX_PENDING_SENDS = 64
 
 
@@ -49,8 +55,8 @@ class Header:
     epoch: int = 0
     pos: int = 0      # first position of a WORK chunk; the verified position of a VERDICT
     n: int = 0        # positions in a WORK chunk
-    token: int = 0    # WORK: the draft for the token after the chunk; VERDICT: the model's token
-    flag: int = 0     # WORK: HAS_Q; VERDICT: 1 = draft accepted
+    token: int = 0    # DRAFT: the draft for the token after the chunk; VERDICT: the model's token
+    flag: int = 0     # DRAFT: HAS_Q; VERDICT: 1 = draft accepted
     a: int = 0        # BEGIN: seed
     b: int = 0        # BEGIN: temperature (float64 bits)
 
@@ -73,7 +79,7 @@ def bits_float(i: int) -> float:
 # ---- per-stage timing ---------------------------------------------------------------------------
 
 STAT_KEYS = ("positions", "compute_s", "prefill_s", "send_s", "blocked_s", "bubble_s", "wall_s", "cpu_s", "dropped",
-             "flushes")
+             "flushes", "head_s")
 
 
 @dataclass
@@ -90,6 +96,7 @@ class StageStats:
     cpu_s: float = 0       # thread CPU time while computing: < compute_s means the core was taken away
     dropped: float = 0     # stale positions received and dropped unprocessed
     flushes: float = 0
+    head_s: float = 0      # stage 0: of compute_s, the exit head + LM head + draft choice (off the verify path)
 
     def tensor(self) -> torch.Tensor:
         return torch.tensor([getattr(self, k) for k in STAT_KEYS], dtype=torch.float64)
@@ -105,6 +112,7 @@ class StageStats:
             "layers": [layers.start, layers.stop],
             "positions": int(self.positions),
             "compute_s": self.compute_s / n,          # per position
+            "head_s": self.head_s / n,                # per position, part of compute_s (stage 0)
             "send_s": self.send_s / n,                # per position (includes the prefill's send)
             "busy_fraction": busy / self.wall_s if self.wall_s else 0.0,
             "blocked_s": self.blocked_s,              # total over the request
@@ -260,8 +268,7 @@ def serve(rank: int, world: int, spec: dict) -> None:
             t0 = time.perf_counter()
             h = link.recv_header(prev)
             if h.kind == STOP:
-                if not last:
-                    link.send(nxt, h)
+                link.send(nxt if not last else 0, h)  # the last stage's STOP ends rank 0's verdict reader
                 link.finish_sends()
                 return
             if h.kind in (BEGIN, END, PING) and not last:
@@ -285,12 +292,12 @@ def serve(rank: int, world: int, spec: dict) -> None:
             if h.kind != WORK:
                 raise PipelineError(f"stage {rank}: unexpected message kind {h.kind}")
             hidden = link.recv(prev, (1, h.n, base.hidden_size), base.dtype)
-            # q comes straight from rank 0 to the last stage only: a middle stage just forwards the flag
-            q = link.recv(0, (base.vocab_size,), torch.float32) if last and h.flag & HAS_Q else None
             arrived = time.perf_counter()
             stats.blocked_s += arrived - t0
             if h.epoch < epoch:  # stale: a flush happened after it was sent (only the last stage knows early)
                 stats.dropped += h.n
+                if last:
+                    recv_draft(link, h, base.vocab_size)  # every WORK has its DRAFT: keep the stream in step
                 continue
             if h.epoch > epoch:  # a newer epoch: what came before it is gone
                 if not last:
@@ -306,7 +313,13 @@ def serve(rank: int, world: int, spec: dict) -> None:
             c0, cpu0 = time.perf_counter(), time.thread_time()
             out = stage.forward(hidden.to(base.device), positions(h.pos, h.n, base.device))
             if last:
-                token, ok = verify(base.logits(out[:, -1:])[0, -1], h.token, q, temperature, rng)
+                logits = base.logits(out[:, -1:])[0, -1]
+                w0 = time.perf_counter()
+                draft, q = recv_draft(link, h, base.vocab_size)  # sent after h_E: normally here long ago
+                waited = time.perf_counter() - w0
+                stats.blocked_s += waited
+                token, ok = verify(logits, draft, q, temperature, rng)
+                c0 += waited
             c1 = time.perf_counter()
             if h.n == 1:
                 stats.positions += 1
@@ -315,13 +328,23 @@ def serve(rank: int, world: int, spec: dict) -> None:
             else:
                 stats.prefill_s += c1 - c0
             if not last:
-                link.send(nxt, Header(WORK, h.epoch, h.pos, h.n, h.token, h.flag), out)
+                link.send(nxt, Header(WORK, h.epoch, h.pos, h.n), out)
                 continue
             link.send(0, Header(VERDICT, epoch, h.pos + h.n - 1, 0, token, int(ok)))
             if not ok:  # flush: everything in flight is stale; stage 0 restarts after this position
                 epoch += 1
                 stats.flushes += 1
                 flushed_at = time.perf_counter()
+
+
+def recv_draft(link: Link, work: Header, vocab_size: int) -> tuple[int, torch.Tensor | None]:
+    """The last stage's DRAFT for a WORK chunk (straight from rank 0): the draft token and its q, if sampling."""
+    d = link.recv_header(0)
+    if d.kind != DRAFT or d.epoch != work.epoch or d.pos != work.pos + work.n - 1:
+        raise PipelineError(f"stage {link.rank}: expected the draft of position {work.pos + work.n - 1} epoch "
+                            f"{work.epoch}, got kind {d.kind} position {d.pos} epoch {d.epoch} (protocol bug)")
+    q = link.recv(0, (vocab_size,), torch.float32) if d.flag & HAS_Q else None
+    return d.token, q
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -359,6 +382,70 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- rank 0's inbox: everything the last stage sends back ----------------------------------------
+
+class Inbox:
+    """Messages from the last stage to rank 0 (VERDICT, DONE + stats, PONG, STOP), in order.
+
+    gloo cannot poll a receive (is_completed() stays False until wait()), so with `threaded` a daemon
+    thread blocks in the receives and queues what arrives; stage 0 then checks for verdicts between its
+    steps (`poll`) without waiting. Without it (NCCL: one communicator must not be driven from two
+    threads) `poll` sees nothing and `get` receives in the caller's thread.
+    """
+
+    def __init__(self, link: Link, src: int, stats_len: int, threaded: bool):
+        self.link, self.src, self.stats_len = link, src, stats_len
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = None
+        if threaded:
+            self.thread = threading.Thread(target=self._read, name="ppsd-inbox", daemon=True)
+            self.thread.start()
+
+    def _receive(self, timeout: float | None = None):
+        h = self.link.recv_header(self.src, timeout)
+        payload = self.link.recv(self.src, (self.stats_len,), torch.float64, timeout) if h.kind == DONE else None
+        return h, payload
+
+    def _read(self) -> None:
+        while True:
+            try:
+                item = self._receive(timeout=10 * 24 * 3600.0)  # idle between requests is fine; get() has the deadline
+            except Exception as e:  # a dead peer: hand the error to whoever waits next
+                self.queue.put(e)
+                return
+            self.queue.put(item)
+            if item[0].kind == STOP:
+                return
+
+    def _unpack(self, item):
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def get(self, timeout: float | None = None):
+        """The next message (header, payload), waiting at most the link's timeout."""
+        if self.thread is None:
+            return self._receive(timeout)
+        wait = self.link.timeout.total_seconds() if timeout is None else timeout
+        try:
+            return self._unpack(self.queue.get(timeout=wait))
+        except queue.Empty:
+            alive = "" if self.thread.is_alive() else " (its reader stopped)"
+            raise PipelineError(f"ppsd pipeline: {self.link.describe(self.src)} did not answer within {wait:g} s "
+                                f"(hung or dead){alive}") from None
+
+    def poll(self) -> list:
+        """Every message already here, without waiting (always empty without the reader thread)."""
+        items = []
+        if self.thread is not None:
+            while True:
+                try:
+                    items.append(self._unpack(self.queue.get_nowait()))
+                except queue.Empty:
+                    return items
+        return items
 
 
 # ---- rank 0's handle on the verify stages -------------------------------------------------------
@@ -412,7 +499,13 @@ class Pipeline:
                 self.link.send(rank, Header(LAYOUT, pos=layout[rank].start, n=layout[rank].stop))
         for rank in range(1, self.stages):  # weights loaded
             self._expect(self.link.recv_header(rank, timeout=load_timeout_s), READY)
+        self.inbox = Inbox(self.link, self.last, len(STAT_KEYS), threaded=dist.get_backend() == "gloo")
         self.feedback_s = self.measure_feedback()
+
+    @property
+    def polls(self) -> bool:
+        """Whether stage 0 can look for verdicts without waiting (gloo: a reader thread; NCCL: no)."""
+        return self.inbox.thread is not None
 
     def _describe(self, rank: int) -> str:
         text = f"stage {rank} (layers {self.layout[rank].start}-{self.layout[rank].stop - 1})"
@@ -434,7 +527,7 @@ class Pipeline:
         for _ in range(rounds):
             t0 = time.perf_counter()
             self.link.send(1, Header(PING))
-            self._expect(self.link.recv_header(self.last), PONG)
+            self._expect(self.inbox.get()[0], PONG)
             times.append(time.perf_counter() - t0)
         return sorted(times)[rounds // 2] / self.stages
 
@@ -445,22 +538,29 @@ class Pipeline:
         self.link.send(1, Header(BEGIN, epoch=self.epoch, a=seed, b=float_bits(temperature)))
         return self.epoch
 
-    def send_work(self, epoch: int, pos: int, hidden: torch.Tensor, draft: int, q: torch.Tensor | None) -> None:
+    def send_work(self, epoch: int, pos: int, hidden: torch.Tensor) -> None:
+        """h_E of positions [pos, pos + T) down the pipeline; its DRAFT must follow (`send_draft`)."""
+        self.link.send(1, Header(WORK, epoch, pos, hidden.shape[1]), hidden)
+
+    def send_draft(self, epoch: int, pos: int, draft: int, q: torch.Tensor | None = None) -> None:
+        """The draft of the token after position `pos`, straight to the verifier (NO_DRAFT: known stale)."""
         flag = HAS_Q if q is not None else 0
-        self.link.send(1, Header(WORK, epoch, pos, hidden.shape[1], draft, flag), hidden)
-        if q is not None:  # straight to the verifier: the middle stages never need it
-            self.link.send(self.last, None, q.float())
+        self.link.send(self.last, Header(DRAFT, epoch, pos, 0, draft, flag), *([q.float()] if q is not None else []))
+
+    def poll_verdicts(self) -> list[Header]:
+        """The verdicts that have arrived, without waiting."""
+        return [self._expect(h, VERDICT) for h, _ in self.inbox.poll()]
 
     def recv_verdict(self) -> Header:
-        return self._expect(self.link.recv_header(self.last), VERDICT)
+        return self._expect(self.inbox.get()[0], VERDICT)
 
     def end(self, epoch: int) -> list[StageStats]:
         """Close the request: drop the verdicts still in flight, collect every stage's stats."""
         self.link.send(1, Header(END, epoch=epoch))
         while True:
-            h = self.link.recv_header(self.last)
+            h, payload = self.inbox.get()
             if h.kind == DONE:
-                last_stats = StageStats.from_tensor(self.link.recv(self.last, (len(STAT_KEYS),), torch.float64))
+                last_stats = StageStats.from_tensor(payload)
                 break
             self._expect(h, VERDICT)
         self.epoch = max(self.epoch, epoch, h.epoch)
@@ -479,6 +579,8 @@ class Pipeline:
         try:
             self.link.send(1, Header(STOP))
             self.link.finish_sends()
+            while self.inbox.get(timeout)[0].kind != STOP:  # the last stage's STOP: every stage has stopped
+                pass
         except Exception:
             pass
         deadline = time.time() + timeout
@@ -492,6 +594,11 @@ class Pipeline:
 
     def _leave_group(self) -> None:
         """Destroy the process group this handle created (a torchrun group belongs to the launcher)."""
+        inbox = getattr(self, "inbox", None)
+        if inbox is not None and inbox.thread is not None:
+            inbox.thread.join(2)  # it ends on the last stage's STOP, or its receive fails once the peers are gone
+            if inbox.thread.is_alive():
+                return  # never tear the group down under a thread still inside it; the process exits soon
         if self.owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -8,6 +8,9 @@ the full latency of one position through every stage plus the feedback to stage 
 
     time per token = α·tick + (1 − α)·L,   tick = max_i τ_i,   L = Σ_i τ_i + feedback.
 
+The decoder sends h_E before it runs the exit head, so L leaves out the head part of τ₀ (`head_s`), and
+a finite window of positions in flight can raise both the tick and L (`ppsd_tick`, `ppsd_flush_latency`).
+
 EESD (draft γ tokens with the shallow model, verify γ + 1 positions with the full model):
 
     time per token = (γ·draft + verify(γ + 1)) / E[tokens per round],   E[tokens] = (1 − α^{γ+1}) / (1 − α).
@@ -28,42 +31,67 @@ VerifyCost = Callable[[int], float] | Mapping[int, float]
 
 # --- PPSD ---------------------------------------------------------------------------------------
 
-def ppsd_tick(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None) -> float:
+def ppsd_tick(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None,
+              head_s: float = 0.0) -> float:
     """Time between two accepted tokens: the slowest stage, or L / window when at most `window` positions
-    may be in flight (a position occupies the window for one full latency L, so W in flight give at most
-    W positions per L; with W = S that only binds when the feedback or an imbalance makes L > S·max τ)."""
+    may be in flight (a position holds its slot for one round trip, `ppsd_round_trip`, so W in flight
+    give at most W positions per round trip; with W >= S that binds only when the feedback or an
+    imbalance makes the round trip longer than W·max τ)."""
     if not stage_s:
         raise ValueError("stage_s is empty: a pipeline has at least one stage")
     tick = max(stage_s)
     if window:
-        tick = max(tick, (sum(stage_s) + feedback_s) / window)
+        tick = max(tick, ppsd_round_trip(stage_s, feedback_s, head_s) / window)
     return tick
 
 
-def ppsd_flush_latency(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None) -> float:
-    """Time from one restart of stage 0 to the next after a rejected draft: L = Σ τ + feedback, or
-    window·τ₀ if that is longer: stage 0 reads a verdict only once `window` positions are in flight (a
-    receive cannot be polled), so it first finishes the speculative positions it has started."""
-    latency = sum(stage_s) + feedback_s
-    return max(latency, window * stage_s[0]) if window else latency
+def ppsd_round_trip(stage_s: Sequence[float], feedback_s: float = 0.0, head_s: float = 0.0) -> float:
+    """From stage 0 starting a position to its verdict arriving back: Σ τ + feedback, less the part of
+    stage 0's τ₀ that runs after h_E is sent (`head_s`: exit head + LM head, off the verification path)."""
+    if not 0 <= head_s <= stage_s[0]:
+        raise ValueError(f"head_s={head_s} must be within stage 0's cost {stage_s[0]}")
+    return sum(stage_s) - head_s + feedback_s
+
+
+def ppsd_flush_latency(stage_s: Sequence[float], feedback_s: float = 0.0, window: int | None = None,
+                       head_s: float = 0.0, poll: bool = True) -> float:
+    """Time from one restart of stage 0 to the next after a rejected draft.
+
+    The verdict arrives one round trip R after the restart (`ppsd_round_trip`); stage 0 acts on it at the
+    first point it looks. Meanwhile it keeps drafting: position j occupies [j·τ₀, (j+1)·τ₀), its layers
+    first, its head (`head_s`) last. With `poll` (gloo: a reader thread) it looks after every layers part
+    and every head, and waits once `window` positions are in flight; without (NCCL here) it looks only
+    when `window` positions are in flight. `window` None: it is always looking (the design's L = R).
+    """
+    latency = ppsd_round_trip(stage_s, feedback_s, head_s)
+    if not window:
+        return latency
+    tau0, layers = stage_s[0], stage_s[0] - head_s
+    if latency >= window * tau0:  # stage 0 is already waiting when the verdict arrives
+        return latency
+    if not poll:
+        return window * tau0
+    looks = sorted(t for j in range(window) for t in (j * tau0 + layers, (j + 1) * tau0))
+    return next(t for t in looks if t >= latency)
 
 
 def ppsd_time_per_token(alpha: float, stage_s: Sequence[float], feedback_s: float = 0.0,
-                        window: int | None = None) -> float:
-    """α·tick + (1 − α)·L with tick = max(stage_s) and L = sum(stage_s) + feedback_s.
+                        window: int | None = None, head_s: float = 0.0, poll: bool = True) -> float:
+    """α·tick + (1 − α)·L with tick = max(stage_s) and L = sum(stage_s) + feedback_s (− head_s).
 
     window: the most positions in flight (None = unlimited, the design's formula); it can only raise the
-    tick (`ppsd_tick`) and the flush latency (`ppsd_flush_latency`).
+    tick (`ppsd_tick`) and the flush latency (`ppsd_flush_latency`). head_s: the part of stage 0's cost
+    after it sends h_E (0 = the design's L, where stage 0's whole τ₀ precedes the send).
     """
     _check_alpha(alpha)
-    tick = ppsd_tick(stage_s, feedback_s, window)
-    return alpha * tick + (1 - alpha) * ppsd_flush_latency(stage_s, feedback_s, window)
+    tick = ppsd_tick(stage_s, feedback_s, window, head_s)
+    return alpha * tick + (1 - alpha) * ppsd_flush_latency(stage_s, feedback_s, window, head_s, poll)
 
 
 def ppsd_speedup(alpha: float, stage_s: Sequence[float], t_ar: float, feedback_s: float = 0.0,
-                 window: int | None = None) -> float:
+                 window: int | None = None, head_s: float = 0.0, poll: bool = True) -> float:
     """T_AR / PPSD time per token."""
-    return t_ar / ppsd_time_per_token(alpha, stage_s, feedback_s, window)
+    return t_ar / ppsd_time_per_token(alpha, stage_s, feedback_s, window, head_s, poll)
 
 
 def ideal_ppsd_speedup(alpha: float, num_layers: int, exit_layer: int) -> float:
@@ -232,12 +260,13 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
                   exit_layers: int | Sequence[int] | Mapping[int, int] | None = None, *,
                   embed_s: float = 0.0, feedback_s: float | None = None, verify_batch_slope: float = 0.0,
                   gammas: Sequence[int] = range(1, 9), window: int | None = None,
-                  allreduce_s: float | None = None) -> list[dict]:
+                  allreduce_s: float | None = None, poll: bool = False) -> list[dict]:
     """Predicted PPSD and EESD speedups over single-device AR, one row per (stages, α).
 
     exit_layers: one E for all, one per entry of stages_list, {stages: E}, or None (`balanced_exit_layer`).
     feedback_s: last stage -> stage 0 (default one `send_s`). window: positions in flight (default S, what
-    the decoder keeps in flight; see `ppsd_tick`).
+    the decoder keeps in flight on GPUs; see `ppsd_tick`). poll: whether stage 0 looks for verdicts between
+    steps (the gloo decoder does; on NCCL it waits for one only when the window is full: the default).
     EESD uses the same exit layer and head: a draft costs embedding + [0, E) + head + LM head; verifying k
     positions costs one full-model step scaled by (1 + verify_batch_slope·(k − 1)) (0 = memory-bound:
     k ≤ 9 positions cost what one does, the batch-1 GPU case). Its γ is the best of `gammas` per row.
@@ -261,6 +290,7 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
             exit_layer = exit_layers[index]
         stage_s = stage_costs(layers, num_layers, exit_layer, stages, head_s, lm_head_s, embed_s, send_s)
         draft_s = embed_s + sum(layers[:exit_layer]) + head_s + lm_head_s
+        pipe = (stage_s, feedback_s, window or stages, head_s + lm_head_s)  # stage 0 sends h_E before its head
 
         def verify_s(k: int) -> float:
             return t_ar * (1 + verify_batch_slope * (k - 1))
@@ -269,13 +299,13 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
             gamma = best_eesd_gamma(alpha, draft_s, verify_s, t_ar, gammas)
             rows.append({
                 "stages": stages, "exit_layer": exit_layer, "alpha": alpha, "stage_s": stage_s,
-                "tick_s": ppsd_tick(stage_s, feedback_s, window or stages),
-                "latency_s": ppsd_flush_latency(stage_s, feedback_s, window or stages),
-                "t_ar_s": t_ar, "ppsd_time_s": ppsd_time_per_token(alpha, stage_s, feedback_s, window or stages),
-                "ppsd_speedup": ppsd_speedup(alpha, stage_s, t_ar, feedback_s, window or stages),
+                "tick_s": ppsd_tick(*pipe),
+                "latency_s": ppsd_flush_latency(*pipe, poll=poll),
+                "t_ar_s": t_ar, "ppsd_time_s": ppsd_time_per_token(alpha, *pipe, poll=poll),
+                "ppsd_speedup": ppsd_speedup(alpha, stage_s, t_ar, *pipe[1:], poll=poll),
                 "ideal_speedup": ideal_ppsd_speedup(alpha, num_layers, exit_layer),
                 "ceiling": num_layers / exit_layer,
-                "real_ceiling": t_ar / ppsd_tick(stage_s, feedback_s, window or stages),
+                "real_ceiling": t_ar / ppsd_tick(*pipe),
                 "eesd_gamma": gamma, "eesd_speedup": eesd_speedup(alpha, gamma, draft_s, verify_s, t_ar),
             })
             if allreduce_s is not None:

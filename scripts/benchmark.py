@@ -134,28 +134,16 @@ def warm_up(decoder, prompt_ids: list[int], tokens: int) -> None:
 # --- what the theory needs, measured in this run ---------------------------------------------------
 
 def pipeline_costs(run: Run) -> dict:
-    """Per-stage time per position inside the pipeline (position-weighted over the prompts).
+    """decode.evaluate.pipeline_model over this run's generations: what the theory needs, measured here."""
+    from decode.evaluate import pipeline_model
 
-    A stage is occupied for its compute + its send (posting the message). The feedback is one hop per
-    link: S × the ping-measured hop (the ping's posting time overlaps the sends counted above, a few µs
-    counted twice)."""
-    stages = len(run.generations[0].stats["stages"])
-    compute, send, count = [0.0] * stages, [0.0] * stages, [0] * stages
-    for g in run.generations:
-        for i, s in enumerate(g.stats["stages"]):
-            compute[i] += s["compute_s"] * s["positions"]
-            send[i] += s["send_s"] * s["positions"]
-            count[i] += s["positions"]
-    compute = [c / max(n, 1) for c, n in zip(compute, count)]
-    send = [x / max(n, 1) for x, n in zip(send, count)]
-    occupied = [c + x for c, x in zip(compute, send)]
-    hop = sum(g.stats["feedback_s"] for g in run.generations) / len(run.generations)
-    return {"compute_s": compute, "send_s": send, "stage_s": occupied, "positions": count,
-            "feedback_s": stages * hop, "window": run.generations[0].stats["window"]}
+    return pipeline_model(run.generations)
 
 
-def predict_ppsd(alpha: float, costs: dict) -> float:
-    return theory.ppsd_time_per_token(alpha, costs["stage_s"], costs["feedback_s"], costs["window"])
+def predict_ppsd(alpha: float, costs: dict, stage_s: list[float] | None = None) -> float:
+    from decode.evaluate import ppsd_time
+
+    return ppsd_time(alpha, costs, stage_s)
 
 
 def eesd_costs(runs: list[Run]) -> tuple[float, dict[int, float]]:
@@ -388,12 +376,13 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
             "alpha": alpha, "ppsd_alpha": measured_alpha, "ppsd_ms": run.s_per_token / MS,
             "ppsd_measured": t_ar / run.s_per_token, "ppsd_predicted": t_ar / predicted,
             "ppsd_error": run.s_per_token / predicted - 1,
-            "ppsd_predicted_alone": t_ar / theory.ppsd_time_per_token(
-                measured_alpha, [a + x for a, x in zip(alone, costs["send_s"])], costs["feedback_s"],
-                costs["window"]),
+            "ppsd_predicted_alone": t_ar / predict_ppsd(measured_alpha, costs,
+                                                        [a + x for a, x in zip(alone, costs["send_s"])]),
             "ppsd_lossless": lossless(run, references),
-            "tick_ms": theory.ppsd_tick(costs["stage_s"], costs["feedback_s"], costs["window"]) / MS,
-            "latency_ms": theory.ppsd_flush_latency(costs["stage_s"], costs["feedback_s"], costs["window"]) / MS,
+            "tick_ms": theory.ppsd_tick(costs["stage_s"], costs["feedback_s"], costs["window"], costs["head_s"]) / MS,
+            "latency_ms": theory.ppsd_flush_latency(costs["stage_s"], costs["feedback_s"], costs["window"],
+                                                    costs["head_s"], costs["poll"]) / MS,
+            "window": costs["window"],
             "contention": [c / a for c, a in zip(costs["compute_s"], alone)],
             "eesd_gamma": gamma, "eesd_alpha": e_alpha, "eesd_ms": erun.s_per_token / MS,
             "eesd_measured": t_ar / erun.s_per_token, "eesd_predicted": t_ar / e_pred,

@@ -13,6 +13,8 @@ from decode.theory import (
     ideal_ppsd_speedup,
     ppsd_speedup,
     ppsd_flush_latency,
+    ppsd_round_trip,
+    ppsd_tick,
     ppsd_time_per_token,
     predict_table,
     stage_costs,
@@ -46,6 +48,31 @@ def test_window_delays_the_restart_when_stage0_is_slow():
     # α = 0.5: 0.5·6 + 0.5·12 = 9 (without the window: 0.5·6 + 0.5·10 = 8)
     assert ppsd_time_per_token(0.5, [6.0, 3.0], 1.0, window=2) == pytest.approx(9.0)
     assert ppsd_time_per_token(0.5, [6.0, 3.0], 1.0) == pytest.approx(8.0)
+
+
+def test_head_after_the_send_leaves_the_flush_path():
+    # stages [6, 5], stage 0's head 2 of its 6, feedback 1: round trip = 6 - 2 + 5 + 1 = 10 (not 12)
+    assert ppsd_round_trip([6.0, 5.0], 1.0, head_s=2.0) == pytest.approx(10.0)
+    assert ppsd_flush_latency([6.0, 5.0], 1.0, head_s=2.0) == pytest.approx(10.0)
+    # the tick is still the slowest stage's whole cost
+    assert ppsd_tick([6.0, 5.0], 1.0, head_s=2.0) == pytest.approx(6.0)
+    with pytest.raises(ValueError):
+        ppsd_round_trip([6.0, 5.0], 1.0, head_s=7.0)
+
+
+def test_polling_stage0_acts_at_its_next_look():
+    # stages [6, 5], head 2, feedback 1: the verdict arrives at 10. Stage 0 works on position 0 in [0, 6)
+    # (layers to 4, head to 6) and position 1 in [6, 12) (layers to 10, head to 12).
+    # Polling, window 3: it looks at 4, 6, 10, 12, ... -> acts at 10
+    assert ppsd_flush_latency([6.0, 5.0], 1.0, window=3, head_s=2.0, poll=True) == pytest.approx(10.0)
+    # feedback 1.5: the verdict arrives at 10.5 -> the next look is the end of position 1's head: 12
+    assert ppsd_flush_latency([6.0, 5.0], 1.5, window=3, head_s=2.0, poll=True) == pytest.approx(12.0)
+    # no polling: it reads a verdict only with 3 in flight, at 18
+    assert ppsd_flush_latency([6.0, 5.0], 1.0, window=3, head_s=2.0, poll=False) == pytest.approx(18.0)
+    # window 1: idle from 6 on, so it acts the moment the verdict arrives
+    assert ppsd_flush_latency([6.0, 5.0], 1.0, window=1, head_s=2.0, poll=True) == pytest.approx(10.0)
+    # α = 0.5 with window 3 + polling: tick = max(6, 10/3) = 6 -> 0.5·6 + 0.5·12 = 9 at feedback 1.5
+    assert ppsd_time_per_token(0.5, [6.0, 5.0], 1.5, window=3, head_s=2.0, poll=True) == pytest.approx(9.0)
 
 
 def test_ppsd_limits():
@@ -180,10 +207,11 @@ def test_predict_table():
             assert r["ppsd_speedup"] == pytest.approx(r["real_ceiling"])
     two = rows[0]
     # S = 2, N = 32, head 1, LM head 0.5, send 0.1: E = 15 -> stage 0 = 15 + 1 + 0.5 + 0.1 = 16.6,
-    # stage 1 = 17 + 0.5 = 17.5 (E = 16 -> 17.6 / 16.5: worse) ; L = 16.6 + 17.5 + 0.1 (feedback) = 34.2
+    # stage 1 = 17 + 0.5 = 17.5 (E = 16 -> 17.6 / 16.5: worse). Round trip = 16.6 - 1.5 (head + LM head, after
+    # the send) + 17.5 + 0.1 (feedback) = 32.7, but without polling stage 0 looks only with 2 in flight: 2·16.6
     assert two["exit_layer"] == 15
     assert two["stage_s"] == pytest.approx([16.6, 17.5])
-    assert two["latency_s"] == pytest.approx(34.2)
+    assert two["latency_s"] == pytest.approx(33.2)
     # exit layers given per stage count
     rows = predict_table(1.0, 32, 1.0, 0.5, 0.1, [0.9], [2, 4], exit_layers={2: 12, 4: 6})
     assert [r["exit_layer"] for r in rows] == [12, 6]
