@@ -6,7 +6,7 @@ last stage (which needs it only after its own layers), and immediately starts po
 as input: it drafts from its own drafts while the later stages verify, and the head stays off the
 path of a rejected position. The last stage sends one verdict per fresh position (the model's token
 y_{p+1}, accepted or not); stage 0 looks for verdicts between its steps (after the layers: a
-rejection there saves the head) and waits for one only when `window` positions are in flight. Each
+rejection there saves the head) and waits for one when `window` positions are in flight. Each
 verdict's token is emitted at once. On a rejection the epoch moves on, stage 0 crops its cache to p+1
 and restarts from y_{p+1}; the later stages drop or overwrite the stale positions (decode/pipeline.py).
 
@@ -28,9 +28,10 @@ from decode.pipeline import NO_DRAFT, StageStats
 
 
 def default_window(pipeline) -> int:
-    """Positions in flight: S keeps every stage busy; one more hides the verdict's trip back when stage 0
-    can look for verdicts between steps (a rejection then stops it within one step, whatever the window)."""
-    return pipeline.stages + 1 if pipeline.polls else pipeline.stages
+    """Positions in flight: S keeps every stage busy. One more would hide the verdict's trip back at high
+    acceptance, but measured on SmolLM2 (2 cores, oracle drafts) it cost 19 % at α = 0 (84 vs 71 ms per
+    token: a verdict landing just after stage 0 looked makes it finish one more speculative position)."""
+    return pipeline.stages
 
 
 @torch.inference_mode()

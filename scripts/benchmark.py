@@ -253,7 +253,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
               "stage_threads": cfg.stage_threads, "load_average": round(load, 2),
               "ar_ms_per_token": t_ar / MS, "ar_1thread_ms_per_token": ar1_run.s_per_token / MS}
 
-    with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, **common) as ppsd:
+    with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, window=cfg.window, **common) as ppsd:
         warm_up(ppsd, prompt_ids[0], cfg.warmup_tokens)
         layout = ppsd.layout
         result["stage_layers"] = [[r.start, r.stop] for r in layout]

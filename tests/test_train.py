@@ -72,6 +72,18 @@ def test_batch_masks_cover_exactly_the_response_predictions():
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
 
 
+def test_prompt_positions_start_after_the_shared_prefix():
+    system = [1, 2, 3, 4]  # e.g. a chat template's default system prompt: the same in every example
+    a = D.Example("a", 0, False, system + [10, 11, 12] + [50, 51], prompt_len=7)
+    b = D.Example("b", 0, False, system + [20, 21] + [60, 61, 62], prompt_len=6)
+    a2, b2 = D.with_prompt_positions([a, b])
+    assert a.loss_positions == range(6, 8) and b.loss_positions == range(5, 8)  # responses only
+    # from the last shared position (it predicts the first own token) to the end
+    assert a2.loss_positions == range(3, 8) and b2.loss_positions == range(3, 8)
+    batch = D.pad_batch([a2, b2], pad_id=0)
+    assert batch["loss_mask"].sum().item() == 10
+
+
 def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
     prompts = [{"id": f"p{i}", "turns": [f"question {i} " * (i + 1)] + (["and then?"] if i == 0 else [])}
                for i in range(5)]

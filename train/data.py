@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,18 +30,34 @@ CACHE_VERSION = 1
 
 @dataclass
 class Example:
-    """One answered turn: the loss covers the positions that predict the response tokens."""
+    """One answered turn: the loss covers the positions that predict the response tokens (and, with
+    `loss_start`, the prompt's too)."""
 
     prompt_id: str
     turn: int
     sampled: bool
     input_ids: list[int]  # prompt (chat template, generation header) + response
     prompt_len: int
+    loss_start: int | None = None  # first loss position; None = prompt_len - 1 (the response only)
 
     @property
     def loss_positions(self) -> range:
-        """Positions whose next token is a response token: [prompt_len - 1, len - 1)."""
-        return range(self.prompt_len - 1, len(self.input_ids) - 1)
+        """Positions whose next token is a response token: [prompt_len - 1, len - 1) (or from loss_start)."""
+        start = self.prompt_len - 1 if self.loss_start is None else self.loss_start
+        return range(start, len(self.input_ids) - 1)
+
+
+def with_prompt_positions(examples: list[Example]) -> list[Example]:
+    """Also train on the prompt's positions (the base's prediction of the user's text is a target as good as
+    any, and free: the frozen forward computes it anyway), after the prefix every prompt shares (a system
+    prompt of the chat template would otherwise be the same ~20 positions in every example)."""
+    if not examples:
+        return examples
+    shared = min(len(e.input_ids[:e.prompt_len]) for e in examples)
+    first = examples[0].input_ids
+    for e in examples[1:]:
+        shared = next((i for i in range(shared) if e.input_ids[i] != first[i]), shared)
+    return [replace(e, loss_start=min(max(shared - 1, 0), e.prompt_len - 1)) for e in examples]
 
 
 # ---------------------------------------------------------------- prompts

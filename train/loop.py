@@ -348,6 +348,8 @@ def train(cfg) -> dict:
     held = D.heldout_ids(prompts, cfg.data.heldout_fraction, cfg.seed)
     examples = D.to_examples(rows)
     train_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id not in held]
+    if cfg.data.prompt_positions:  # held-out metrics stay on the responses: what the decoder drafts
+        train_set = list(zip([i for i, _ in train_set], D.with_prompt_positions([e for _, e in train_set])))
     eval_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id in held and not e.sampled]
     if not train_set:
         raise UserError("no training examples: give more prompts or lower data.heldout_fraction")
