@@ -145,25 +145,27 @@ def predict(method: str, gens: list[Generation], t_ar: float | None, gamma: int,
                 "draft_s": draft_s, "verify_s": verify_s,
                 "best_gamma": theory.best_eesd_gamma(alpha, draft_s, nearest, t_ar)}
     model = pipeline_model(gens)
-    return {"predicted_speedup": t_ar / ppsd_time(alpha, model), "stages": stage_summary(gens)} | model
+    return {"predicted_speedup": t_ar / ppsd_time(alpha, model)} | model
 
 
 def pipeline_model(gens: list[Generation]) -> dict:
     """What decode/theory.py needs about a PPSD pipeline, measured in these generations: each stage's time
     per position (compute + posting its sends), stage 0's head part (after h_E is sent), the feedback
-    (S hops, from the ping each request measures), the window and whether stage 0 polls for verdicts."""
+    (S hops, from the ping each request measures), the window and whether stage 0 polls for verdicts;
+    `stages` holds the per-stage summary they come from."""
     stages = stage_summary(gens)
     stats = gens[0].stats
     hop = sum(g.stats["feedback_s"] for g in gens) / len(gens)
     return {"stage_s": [s["compute_s"] + s["send_s"] for s in stages], "compute_s": [s["compute_s"] for s in stages],
             "send_s": [s["send_s"] for s in stages], "head_s": stages[0]["head_s"], "feedback_s": len(stages) * hop,
-            "window": stats["window"], "poll": stats.get("polls", True)}
+            "window": stats["window"], "poll": stats["polls"], "stages": stages}
 
 
 def ppsd_time(alpha: float, model: dict, stage_s: list[float] | None = None) -> float:
     """theory's PPSD time per token for a `pipeline_model` (optionally with other stage costs)."""
-    return theory.ppsd_time_per_token(alpha, stage_s or model["stage_s"], model["feedback_s"], model["window"],
-                                      min(model["head_s"], (stage_s or model["stage_s"])[0]), model["poll"])
+    stage_s = stage_s or model["stage_s"]
+    head_s = min(model["head_s"], stage_s[0])  # other costs (stage 0 alone) may be below the head measured here
+    return theory.ppsd_time_per_token(alpha, stage_s, model["feedback_s"], model["window"], head_s, model["poll"])
 
 
 def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import queue
+import socket
 import sys
 import threading
 import time

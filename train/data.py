@@ -53,10 +53,7 @@ def with_prompt_positions(examples: list[Example]) -> list[Example]:
     prompt of the chat template would otherwise be the same ~20 positions in every example)."""
     if not examples:
         return examples
-    shared = min(len(e.input_ids[:e.prompt_len]) for e in examples)
-    first = examples[0].input_ids
-    for e in examples[1:]:
-        shared = next((i for i in range(shared) if e.input_ids[i] != first[i]), shared)
+    shared = len(os.path.commonprefix([e.input_ids[:e.prompt_len] for e in examples]))
     return [replace(e, loss_start=min(max(shared - 1, 0), e.prompt_len - 1)) for e in examples]
 
 
