@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from decode.common import positions, verify, make_generator
 from decode import theory
+from heads.base import parse_dtype
 from heads.errors import UserError
 
 # message kinds
@@ -66,6 +67,25 @@ class Header:
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "Header":
         return cls(*t.tolist())
+
+
+@dataclass(frozen=True)
+class Payloads:
+    """The message catalogue: which tensors follow a header of each kind (all a reader needs to take whole
+    messages off a link before anyone asks for them)."""
+
+    hidden_size: int
+    dtype: torch.dtype
+    vocab_size: int
+
+    def shapes(self, h: Header) -> list[tuple[tuple, torch.dtype]]:
+        if h.kind == WORK:
+            return [((1, h.n, self.hidden_size), self.dtype)]
+        if h.kind == DRAFT and h.flag & HAS_Q:
+            return [((self.vocab_size,), torch.float32)]
+        if h.kind in (DONE, STATS):
+            return [((len(STAT_KEYS),), torch.float64)]
+        return []
 
 
 def float_bits(x: float) -> int:
@@ -235,6 +255,11 @@ class Link:
     def recv_header(self, src: int, timeout: float | None = None) -> Header:
         return Header.from_tensor(self.recv(src, (len(fields(Header)),), torch.int64, timeout))
 
+    def recv_message(self, src: int, payloads: "Payloads", timeout: float | None = None) -> tuple[Header, list]:
+        """A header and the payload tensors its kind implies."""
+        h = self.recv_header(src, timeout)
+        return h, [self.recv(src, shape, dtype, timeout) for shape, dtype in payloads.shapes(h)]
+
     def _error(self, peer: int, e: Exception) -> PipelineError:
         text = str(e)
         if "closed by peer" in text or "Connection reset" in text or "Broken pipe" in text:
@@ -260,16 +285,25 @@ def serve(rank: int, world: int, spec: dict) -> None:
     stage = base.range(layers.start, layers.stop)
     link = Link(rank, spec["worker_timeout_s"])
     prev, nxt = rank - 1, rank + 1
+    # Readers keep a receive posted on every incoming link, so a message lands while this stage computes:
+    # a gloo send whose receive is not yet posted waits for a handshake that, with every core busy, took
+    # 1-9 ms per hop (measured on 2 cores). The last stage reads drafts from rank 0 (the same link when S = 2).
+    threaded = dist.get_backend() == "gloo"
+    payloads = Payloads(base.hidden_size, base.dtype, base.vocab_size)
+    work_in = Inbox(link, prev, payloads, threaded)
+    drafts_in = None if not last else work_in if prev == 0 else Inbox(link, 0, payloads, threaded)
     link.send(0, Header(READY))
     epoch, temperature, rng = -1, 0.0, None
     stats, begin_t, flushed_at = StageStats(), 0.0, None
     with torch.inference_mode():
         while True:
             t0 = time.perf_counter()
-            h = link.recv_header(prev)
+            h, payload = work_in.get()
             if h.kind == STOP:
                 link.send(nxt if not last else 0, h)  # the last stage's STOP ends rank 0's verdict reader
                 link.finish_sends()
+                if drafts_in is not None and drafts_in is not work_in:
+                    drafts_in.join()  # rank 0 sends it a STOP too
                 return
             if h.kind in (BEGIN, END, PING) and not last:
                 link.send(nxt, h)
@@ -291,13 +325,13 @@ def serve(rank: int, world: int, spec: dict) -> None:
                 continue
             if h.kind != WORK:
                 raise PipelineError(f"stage {rank}: unexpected message kind {h.kind}")
-            hidden = link.recv(prev, (1, h.n, base.hidden_size), base.dtype)
+            hidden = payload[0]
             arrived = time.perf_counter()
             stats.blocked_s += arrived - t0
             if h.epoch < epoch:  # stale: a flush happened after it was sent (only the last stage knows early)
                 stats.dropped += h.n
                 if last:
-                    recv_draft(link, h, base.vocab_size)  # every WORK has its DRAFT: keep the stream in step
+                    next_draft(drafts_in, h)  # every WORK has its DRAFT: keep the stream in step
                 continue
             if h.epoch > epoch:  # a newer epoch: what came before it is gone
                 if not last:
@@ -315,7 +349,7 @@ def serve(rank: int, world: int, spec: dict) -> None:
             if last:
                 logits = base.logits(out[:, -1:])[0, -1]
                 w0 = time.perf_counter()
-                draft, q = recv_draft(link, h, base.vocab_size)  # sent after h_E: normally here long ago
+                draft, q = next_draft(drafts_in, h)  # sent after h_E: normally here long ago
                 waited = time.perf_counter() - w0
                 stats.blocked_s += waited
                 token, ok = verify(logits, draft, q, temperature, rng)
@@ -337,14 +371,13 @@ def serve(rank: int, world: int, spec: dict) -> None:
                 flushed_at = time.perf_counter()
 
 
-def recv_draft(link: Link, work: Header, vocab_size: int) -> tuple[int, torch.Tensor | None]:
+def next_draft(drafts: "Inbox", work: Header) -> tuple[int, torch.Tensor | None]:
     """The last stage's DRAFT for a WORK chunk (straight from rank 0): the draft token and its q, if sampling."""
-    d = link.recv_header(0)
+    d, payload = drafts.get()
     if d.kind != DRAFT or d.epoch != work.epoch or d.pos != work.pos + work.n - 1:
-        raise PipelineError(f"stage {link.rank}: expected the draft of position {work.pos + work.n - 1} epoch "
+        raise PipelineError(f"stage {drafts.link.rank}: expected the draft of position {work.pos + work.n - 1} epoch "
                             f"{work.epoch}, got kind {d.kind} position {d.pos} epoch {d.epoch} (protocol bug)")
-    q = link.recv(0, (vocab_size,), torch.float32) if d.flag & HAS_Q else None
-    return d.token, q
+    return d.token, (payload[0] if payload else None)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -387,31 +420,27 @@ def _free_port() -> int:
 # ---- rank 0's inbox: everything the last stage sends back ----------------------------------------
 
 class Inbox:
-    """Messages from the last stage to rank 0 (VERDICT, DONE + stats, PONG, STOP), in order.
+    """Whole messages (header + payloads, `Payloads`) from one source rank, in order.
 
     gloo cannot poll a receive (is_completed() stays False until wait()), so with `threaded` a daemon
-    thread blocks in the receives and queues what arrives; stage 0 then checks for verdicts between its
-    steps (`poll`) without waiting. Without it (NCCL: one communicator must not be driven from two
-    threads) `poll` sees nothing and `get` receives in the caller's thread.
+    thread blocks in the receives and queues what arrives: the next receive is always posted, and the
+    owner checks for messages between its steps (`poll`) without waiting. The thread ends after a STOP or
+    a failed receive. Without it (NCCL: one communicator must not be driven from two threads) `poll` sees
+    nothing and `get` receives in the caller's thread.
     """
 
-    def __init__(self, link: Link, src: int, stats_len: int, threaded: bool):
-        self.link, self.src, self.stats_len = link, src, stats_len
+    def __init__(self, link: Link, src: int, payloads: Payloads, threaded: bool):
+        self.link, self.src, self.payloads = link, src, payloads
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
         if threaded:
-            self.thread = threading.Thread(target=self._read, name="ppsd-inbox", daemon=True)
+            self.thread = threading.Thread(target=self._read, name=f"ppsd-inbox-{src}", daemon=True)
             self.thread.start()
-
-    def _receive(self, timeout: float | None = None):
-        h = self.link.recv_header(self.src, timeout)
-        payload = self.link.recv(self.src, (self.stats_len,), torch.float64, timeout) if h.kind == DONE else None
-        return h, payload
 
     def _read(self) -> None:
         while True:
-            try:
-                item = self._receive(timeout=10 * 24 * 3600.0)  # idle between requests is fine; get() has the deadline
+            try:  # idle between requests is fine: get() has the deadline
+                item = self.link.recv_message(self.src, self.payloads, timeout=10 * 24 * 3600.0)
             except Exception as e:  # a dead peer: hand the error to whoever waits next
                 self.queue.put(e)
                 return
@@ -424,10 +453,10 @@ class Inbox:
             raise item
         return item
 
-    def get(self, timeout: float | None = None):
-        """The next message (header, payload), waiting at most the link's timeout."""
+    def get(self, timeout: float | None = None) -> tuple[Header, list]:
+        """The next message (header, payloads), waiting at most the link's timeout."""
         if self.thread is None:
-            return self._receive(timeout)
+            return self.link.recv_message(self.src, self.payloads, timeout)
         wait = self.link.timeout.total_seconds() if timeout is None else timeout
         try:
             return self._unpack(self.queue.get(timeout=wait))
@@ -446,6 +475,13 @@ class Inbox:
                 except queue.Empty:
                     return items
         return items
+
+    def join(self, timeout: float = 2.0) -> bool:
+        """Wait for the reader to end (after its STOP); True when no reader is left running."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
 
 
 # ---- rank 0's handle on the verify stages -------------------------------------------------------
@@ -499,7 +535,8 @@ class Pipeline:
                 self.link.send(rank, Header(LAYOUT, pos=layout[rank].start, n=layout[rank].stop))
         for rank in range(1, self.stages):  # weights loaded
             self._expect(self.link.recv_header(rank, timeout=load_timeout_s), READY)
-        self.inbox = Inbox(self.link, self.last, len(STAT_KEYS), threaded=dist.get_backend() == "gloo")
+        self.inbox = Inbox(self.link, self.last, Payloads(hidden_size, parse_dtype(dtype), vocab_size),
+                           threaded=dist.get_backend() == "gloo")
         self.feedback_s = self.measure_feedback()
 
     @property
@@ -560,7 +597,7 @@ class Pipeline:
         while True:
             h, payload = self.inbox.get()
             if h.kind == DONE:
-                last_stats = StageStats.from_tensor(payload)
+                last_stats = StageStats.from_tensor(payload[0])
                 break
             self._expect(h, VERDICT)
         self.epoch = max(self.epoch, epoch, h.epoch)
@@ -578,6 +615,8 @@ class Pipeline:
         self.closed = True
         try:
             self.link.send(1, Header(STOP))
+            if self.last > 1:  # the last stage's draft reader listens to rank 0 directly
+                self.link.send(self.last, Header(STOP))
             self.link.finish_sends()
             while self.inbox.get(timeout)[0].kind != STOP:  # the last stage's STOP: every stage has stopped
                 pass
@@ -595,10 +634,8 @@ class Pipeline:
     def _leave_group(self) -> None:
         """Destroy the process group this handle created (a torchrun group belongs to the launcher)."""
         inbox = getattr(self, "inbox", None)
-        if inbox is not None and inbox.thread is not None:
-            inbox.thread.join(2)  # it ends on the last stage's STOP, or its receive fails once the peers are gone
-            if inbox.thread.is_alive():
-                return  # never tear the group down under a thread still inside it; the process exits soon
+        if inbox is not None and not inbox.join(2):  # it ends on the last stage's STOP, or when its peer is gone
+            return  # never tear the group down under a thread still inside it; the process exits soon
         if self.owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()
