@@ -45,12 +45,14 @@ def main(cfg: DictConfig) -> None:
                 import torch.distributed as dist
 
                 from decode.decoder import resolve_base_model, resolve_device
+                from decode.evaluate import wants_batch_invariant
                 from decode.pipeline import serve_torchrun
                 from heads.base import resolve_model_path
 
                 model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
                 serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "threads": cfg.stage_threads,
-                                "device": resolve_device(cfg.device), "worker_timeout_s": 3600.0})
+                                "device": resolve_device(cfg.device), "worker_timeout_s": 3600.0,
+                                "batch_invariant": wants_batch_invariant(cfg)})
                 dist.destroy_process_group()
                 return
             from hydra.core.hydra_config import HydraConfig

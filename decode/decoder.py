@@ -65,7 +65,7 @@ class Decoder:
                  head=None, stages: int = 2, stage_layers=None, gamma: int = 4, dtype: str = "float32",
                  threads: int | None = None, stage_threads: int = 1, window: int | None = None,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, device: str = "cpu",
-                 exit_layer: int | None = None):
+                 exit_layer: int | None = None, batch_invariant: bool | None = None):
         if method not in METHODS:
             raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
         self.method, self.gamma, self.window = method, gamma, window
@@ -79,7 +79,10 @@ class Decoder:
             raise UserError(f"method={method} needs an exit head: pass head_path=FOLDER_OR_HUB_ID")
         device = resolve_device(device)
         if base is None:
-            base = load_base(resolve_base_model(head_path, model), dtype=dtype, device=device)
+            base = load_base(resolve_base_model(head_path, model), dtype=dtype, device=device,
+                             batch_invariant=bool(batch_invariant))
+        elif batch_invariant is not None and batch_invariant != base.batch_invariant:
+            base.set_batch_invariant(batch_invariant)  # a shared base: every method on it computes the same way
         self.base = base
         if method != "ar" and head is None:
             head = load_head(head_path, base)
@@ -97,7 +100,8 @@ class Decoder:
             self.pipeline = Pipeline(str(base.folder), stage_dtype, self.layout, spawn=not torchrun,
                                      stage_threads=stage_threads, timeout_s=timeout_s,
                                      worker_timeout_s=worker_timeout_s, device=device,
-                                     vocab_size=base.vocab_size, hidden_size=base.hidden_size)
+                                     vocab_size=base.vocab_size, hidden_size=base.hidden_size,
+                                     batch_invariant=base.batch_invariant)
 
     @property
     def stages(self) -> int:

@@ -16,8 +16,11 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from decode import theory
 from decode.common import Generation
+from heads.base import parse_dtype
 from heads.errors import UserError
 
 
@@ -213,6 +216,20 @@ def round_floats(obj, digits: int = 5):
 
 # ---- the whole evaluation (python -m decode) ----------------------------------------------------
 
+def methods_of(cfg) -> list[str]:
+    """`cfg.method` and `cfg.compare`, ar (the baseline) first."""
+    methods = [cfg.method] + [m for m in (cfg.compare or []) if m != cfg.method]
+    return ["ar"] + [m for m in methods if m != "ar"]
+
+
+def wants_batch_invariant(cfg) -> bool:
+    """`batch_invariant`: true / false, or auto = on when eesd runs below fp32 (its multi-position verify pass
+    would round differently from ar's one-position steps; fp32 matched in every run here)."""
+    if str(cfg.batch_invariant).lower() != "auto":
+        return bool(cfg.batch_invariant)
+    return "eesd" in methods_of(cfg) and parse_dtype(cfg.dtype) != torch.float32
+
+
 def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
@@ -220,8 +237,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     from decode.decoder import METHODS, Decoder, resolve_base_model, resolve_device
     from heads import load_base
 
-    methods = [cfg.method] + [m for m in (cfg.compare or []) if m != cfg.method]
-    methods = ["ar"] + [m for m in methods if m != "ar"]  # the baseline first
+    methods = methods_of(cfg)
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method '{m}': use one of {', '.join(METHODS)}")
@@ -232,7 +248,8 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     else:
         raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
     device = resolve_device(cfg.device)
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device)
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
+                     batch_invariant=wants_batch_invariant(cfg))
     kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
                   threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
                   device=device)

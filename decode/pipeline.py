@@ -281,7 +281,7 @@ def serve(rank: int, world: int, spec: dict) -> None:
     layers = range(*spec["layers"])
     last = rank == world - 1
     base = load_base(spec["model_path"], dtype=spec["dtype"], device=spec.get("device", "cpu"), layers=layers,
-                     embedding=False, lm_head=last)
+                     embedding=False, lm_head=last, batch_invariant=spec.get("batch_invariant", False))
     stage = base.range(layers.start, layers.stop)
     link = Link(rank, spec["worker_timeout_s"])
     prev, nxt = rank - 1, rank + 1
@@ -498,7 +498,7 @@ class Pipeline:
 
     def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
-                 device: str = "cpu", vocab_size: int, hidden_size: int):
+                 device: str = "cpu", vocab_size: int, hidden_size: int, batch_invariant: bool = False):
         self.layout, self.stages = layout, len(layout)
         self.last = self.stages - 1
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
@@ -507,7 +507,7 @@ class Pipeline:
         self.closed = False
         self.owns_group = spawn
         spec = {"model_path": model_path, "dtype": dtype, "threads": stage_threads, "device": device,
-                "worker_timeout_s": worker_timeout_s}
+                "worker_timeout_s": worker_timeout_s, "batch_invariant": batch_invariant}
         if spawn:
             import torch.multiprocessing as mp
 

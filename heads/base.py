@@ -141,8 +141,11 @@ def load_base(
     embedding: bool = True,
     lm_head: bool = True,
     trust_remote_code: bool = False,
+    batch_invariant: bool = False,
 ) -> "Base":
-    """Load a causal LM, materialising only `layers` (default all), the embedding and the LM head as asked."""
+    """Load a causal LM, materialising only `layers` (default all), the embedding and the LM head as asked.
+    batch_invariant: decode-time kernels whose results do not depend on how many positions a call holds
+    (heads/batch_invariant.py; what makes bf16 EESD exact)."""
     folder = resolve_model_path(name_or_path)
     torch_dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -183,8 +186,10 @@ def load_base(
         raise UserError(f"model folder '{folder}' lacks weights for {needed[:3]}...: is it a complete checkpoint?")
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    return Base(model=model, tokenizer=tokenizer, name=model_source_id(folder, name_or_path), folder=folder,
+    base = Base(model=model, tokenizer=tokenizer, name=model_source_id(folder, name_or_path), folder=folder,
                 loaded_layers=layers)
+    base.set_batch_invariant(batch_invariant)
+    return base
 
 
 class Base:
@@ -202,6 +207,14 @@ class Base:
         self.hidden_size = self.config.hidden_size
         self.vocab_size = self.config.vocab_size
         self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
+        self.batch_invariant = False
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Decode-time kernels that give a position the same bits however many positions share the call."""
+        from heads import batch_invariant
+
+        batch_invariant.apply(self.model, on)
+        self.batch_invariant = on
 
     @property
     def device(self) -> torch.device:
@@ -242,7 +255,11 @@ class Base:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head."""
+        """Final norm + LM head (batch-invariant: a few positions one at a time, as AR computes them)."""
+        from heads.batch_invariant import MAX_ROWS
+
+        if self.batch_invariant and hidden.dim() == 3 and 1 < hidden.shape[1] <= MAX_ROWS:
+            return torch.cat([self.logits(hidden[:, i:i + 1]) for i in range(hidden.shape[1])], dim=1)
         return self.model.lm_head(self.decoder.norm(hidden))
 
     def range(self, start: int, end: int) -> "LayerRange":

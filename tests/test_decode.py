@@ -200,3 +200,19 @@ def test_bad_input_is_one_clear_error(tiny_base, heads, ar):
         Decoder("eesd", base=tiny_base)
     with pytest.raises(UserError, match="unknown method"):
         Decoder("medusa", base=tiny_base)
+
+
+@pytest.mark.parametrize("setting,method,compare,dtype,expected", [
+    ("auto", "ppsd", ["ar", "eesd"], "bfloat16", True),   # eesd below fp32: exact only on invariant kernels
+    ("auto", "ppsd", ["ar"], "bfloat16", False),          # one position per call everywhere: plain kernels are exact
+    ("auto", "eesd", [], "float32", False),
+    (True, "ar", [], "float32", True),
+    (False, "eesd", [], "bfloat16", False),
+])
+def test_batch_invariant_auto_turns_on_for_eesd_below_fp32(setting, method, compare, dtype, expected):
+    from omegaconf import OmegaConf
+
+    from decode.evaluate import wants_batch_invariant
+
+    cfg = OmegaConf.create({"batch_invariant": setting, "method": method, "compare": compare, "dtype": dtype})
+    assert wants_batch_invariant(cfg) is expected

@@ -45,6 +45,26 @@ def test_crop_rolls_back_to_a_position(tiny_base):
     assert r.length == 10
 
 
+def test_batch_invariant_kernels_give_a_position_the_same_bits_alone_or_among_others(tiny_model_dir):
+    """What makes bf16 eesd exact: positions verified together equal the same positions run one by one.
+    (Random tiny weights happen to round alike with plain kernels too; the SmolLM2 test in
+    test_decode_bf16.py is the one plain kernels fail.)"""
+    base = load_base(tiny_model_dir, dtype="bfloat16", batch_invariant=True)
+    ids = _ids(base, 14, seed=3)
+    pos = torch.arange(14)[None]
+    together, alone = base.range(0, base.num_layers), base.range(0, base.num_layers)
+    with torch.no_grad():
+        for r in (together, alone):
+            r.forward(base.embed(ids[:, :9]), pos[:, :9])
+        many = base.logits(together.forward(base.embed(ids[:, 9:]), pos[:, 9:]))
+        one = torch.cat([base.logits(alone.forward(base.embed(ids[:, t:t + 1]), pos[:, t:t + 1]))
+                         for t in range(9, 14)], dim=1)
+    assert torch.equal(many, one)
+    base.set_batch_invariant(False)  # and back to the plain kernels
+    assert base.config._attn_implementation == "sdpa" and not base.batch_invariant
+    assert all("forward" not in m.__dict__ for m in base.decoder.modules())
+
+
 def test_partial_load_materialises_only_its_layers(tiny_model_dir):
     stage = load_base(tiny_model_dir, layers=range(2, 4), embedding=False, lm_head=False)
     real = {n for n, p in stage.model.named_parameters() if not p.is_meta}
