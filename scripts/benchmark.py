@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -63,22 +62,13 @@ def run_theory(cfg: DictConfig) -> dict:
 
 def load_prompts(path: str, count: int) -> list[str]:
     """The first turn of `count` prompts, taken round-robin over the categories (file order within each)."""
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise UserError(f"prompts file '{path}' does not exist: pass prompts=PATH to a Spec-Bench-format .jsonl")
+    from decode.evaluate import read_questions
+
     by_category: dict[str, list[str]] = {}
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_category.setdefault(record.get("category", ""), []).append(record["turns"][0])
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise UserError(f"{path}:{number} is not a Spec-Bench record with 'turns': fix or remove that line") from None
+    for q in read_questions(path):
+        by_category.setdefault(q["category"], []).append(q["turns"][0])
     columns = list(by_category.values())
     prompts = [column[i] for i in range(max(map(len, columns), default=0)) for column in columns if i < len(column)]
-    if not prompts:
-        raise UserError(f"prompts file '{path}' has no prompts")
     return prompts[:count]
 
 

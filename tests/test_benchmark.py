@@ -85,5 +85,5 @@ def test_load_prompts_round_robin(tmp_path):
     file.write_text("\n".join(json.dumps({"category": c, "turns": [t, "second"]}) for c, t in rows) + "\n")
     assert load_prompts(str(file), 4) == ["a1", "b1", "c1", "a2"]
     file.write_text('{"category": "a"}\n')
-    with pytest.raises(UserError, match="p.jsonl:1 is not a Spec-Bench record"):
+    with pytest.raises(UserError, match="p.jsonl:1 needs .turns."):
         load_prompts(str(file), 4)
