@@ -392,8 +392,10 @@ def _spawned_worker(rank: int, world: int, port: int, spec: dict, parent_pid: in
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     code = 0
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=spec["worker_timeout_s"]))
+        timeout = datetime.timedelta(seconds=spec["worker_timeout_s"])
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timeout)
+        store.set(f"{STARTED}{rank}", "1")  # rank 0 waits for this, watching that we are alive
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         serve(rank, world, spec)
     except (PipelineError, UserError) as e:
         print(f"error: stage {rank}: {e}", file=sys.stderr, flush=True)
@@ -409,6 +411,26 @@ def _spawned_worker(rank: int, world: int, port: int, spec: dict, parent_pid: in
             except Exception:
                 pass
     os._exit(code)
+
+
+STARTED = "ppsd/started/"  # TCPStore key a spawned stage sets once it reaches the rendezvous
+
+
+def _join_spawned(store, processes: list, timeout_s: float) -> None:
+    """Wait until every spawned stage has reached the rendezvous. One that exits first (an import error, no
+    memory) is a one-line error at once, not a wait for the process group's hour-long timeout."""
+    deadline = time.time() + timeout_s
+    waiting = dict(enumerate(processes, 1))
+    while waiting:
+        for rank, p in list(waiting.items()):
+            if store.check([f"{STARTED}{rank}"]):
+                del waiting[rank]
+            elif not p.is_alive():
+                raise PipelineError(f"ppsd pipeline: stage {rank} exited with code {p.exitcode} while starting "
+                                    f"(its error is printed above)")
+        if waiting and time.time() > deadline:
+            raise PipelineError(f"ppsd pipeline: stage(s) {sorted(waiting)} did not start within {timeout_s:g} s")
+        time.sleep(0.02)
 
 
 def _free_port() -> int:
@@ -495,6 +517,7 @@ class Pipeline:
     """
 
     adopted_ranks = False  # torchrun: the other ranks got their layout (they stop when this pipeline closes)
+    worker = staticmethod(_spawned_worker)  # what each spawned stage process runs
 
     def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
@@ -515,15 +538,21 @@ class Pipeline:
                 raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
                                 "launch with torchrun instead, or from a plain process")
             port = _free_port()
+            timeout = datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s))
+            store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
             ctx = mp.get_context("spawn")
             for rank in range(1, self.stages):
-                p = ctx.Process(target=_spawned_worker, daemon=True,
+                p = ctx.Process(target=self.worker, daemon=True,
                                 args=(rank, self.stages, port, spec | {"layers": (layout[rank].start, layout[rank].stop)},
                                       os.getpid()))
                 p.start()
                 self.processes.append(p)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=self.stages,
-                                    timeout=datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s)))
+            try:
+                _join_spawned(store, self.processes, load_timeout_s)
+            except PipelineError:
+                self.kill()
+                raise
+            dist.init_process_group("gloo", store=store, rank=0, world_size=self.stages, timeout=timeout)
         else:
             if dist.get_world_size() != self.stages:
                 raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
