@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from heads import UserError, load_head
 from train import data as D
-from train.losses import distill_loss, expected_acceptance, kl_loss, top1_agreement
+from train.losses import TeacherView, distill_loss, expected_acceptance, kl_loss, top1_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -38,6 +38,33 @@ def test_losses_and_metrics_on_known_distributions():
     ce = distill_loss(student, teacher, "ce")
     mix = distill_loss(student, teacher, "mix", ce_weight=0.25)
     assert mix.item() == pytest.approx(0.75 * kl_loss(student, teacher).item() + 0.25 * ce.item(), rel=1e-5)
+
+
+def test_a_shared_teacher_view_scores_like_the_raw_logits():
+    """A multi-exit step computes the teacher's argmax and probabilities once for every head."""
+    torch.manual_seed(0)
+    teacher, students = torch.randn(7, 50), [torch.randn(7, 50) for _ in range(3)]
+    view = TeacherView(teacher)
+    for s in students:
+        for kind in ("kl", "ce", "mix"):
+            assert torch.equal(distill_loss(s, view, kind, 2.0), distill_loss(s, teacher, kind, 2.0))
+        assert torch.equal(top1_agreement(s, view), top1_agreement(s, teacher))
+        assert torch.equal(expected_acceptance(s, view), expected_acceptance(s, teacher))
+
+
+def test_headset_lm_head_in_bf16_matches_autocast(tiny_base):
+    """The kept bf16 copy of the frozen LM head gives autocast's logits and gradients, bit for bit."""
+    from train.loop import HeadSet
+
+    model = HeadSet(tiny_base, "mlp", [2], 0, lm_head_dtype="bfloat16")
+    h = torch.randn(5, tiny_base.hidden_size, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = tiny_base.logits(h)
+    ref.float().square().sum().backward()
+    ref_grad, h.grad = h.grad.clone(), None
+    out = model.logits(h)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref) and torch.equal(h.grad, ref_grad)
 
 
 def _write(path, lines):

@@ -6,9 +6,10 @@ fly. By default those hidden states are computed once per example and kept in me
 (`cache_features`), since on a CPU the base forward is what costs; the teacher logits are still
 recomputed from the frozen base every step, so nothing the size of the vocabulary is ever stored.
 
-The frozen base's matmuls (its forward and the full-vocabulary LM head, teacher and student side) run
-under autocast in `matmul_dtype` (bf16: ~2x faster on CPU, and the LM head dominates a step); the
-head's own weights and all loss math stay fp32. Held-out metrics always use the exact fp32 teacher.
+The frozen base's matmuls (its forward under autocast, the full-vocabulary LM head, teacher and student
+side, through one kept copy) run in `matmul_dtype` (bf16: ~2x faster on CPU, and the LM head dominates a
+step); the head's own weights and all loss math stay fp32. The teacher's argmax and probabilities are
+computed once per step for every head (`TeacherView`). Held-out metrics always use the exact fp32 teacher.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from heads import UserError, build_head, load_base, load_head
 from heads.head import HEAD_TYPES
 from train import data as D
-from train.losses import LOSSES, distill_loss, expected_acceptance, top1_agreement
+from train.losses import LOSSES, TeacherView, distill_loss, expected_acceptance, top1_agreement
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -179,13 +181,29 @@ class HeadSet(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden) for e in exit_layers})
         self.base = [base]  # a list keeps the frozen base out of this module's parameters and checkpoints
-        self.lm_head_dtype = lm_head_dtype  # autocast dtype of the frozen LM head; evaluation sets None (exact)
+        self.lm_head_dtype = lm_head_dtype  # matmul dtype of the frozen LM head; evaluation sets None (exact)
+        self.cast_lm_head: dict = {}  # dtype -> (weight, bias) of the frozen LM head in that dtype
+
+    def logits(self, hidden):
+        """Final norm + LM head, the matmul in `lm_head_dtype` through one kept copy of the frozen LM head:
+        autocast would cast the vocab-wide matrix again on every call (it caches casts of trainable leaves only)."""
+        base = self.base[0]
+        dtype = self.lm_head_dtype
+        dtype = getattr(torch, str(dtype)) if dtype not in (None, "null", "None") else base.dtype
+        if dtype == base.dtype:
+            return base.logits(hidden)
+        head = base.model.lm_head
+        if dtype not in self.cast_lm_head:
+            self.cast_lm_head[dtype] = (head.weight.detach().to(dtype),
+                                        None if head.bias is None else head.bias.detach().to(dtype))
+        weight, bias = self.cast_lm_head[dtype]
+        return F.linear(base.decoder.norm(hidden).to(dtype), weight, bias)
 
     def forward(self, batch):
         base = self.base[0]
         mask = batch["loss_mask"]
-        with torch.no_grad(), autocast(base, self.lm_head_dtype):
-            teacher = base.logits(batch["final"])
+        with torch.no_grad():
+            teacher = self.logits(batch["final"])
         students = {}
         for name, head in self.heads.items():
             h = batch["hidden"][int(name[1:])]
@@ -197,8 +215,7 @@ class HeadSet(nn.Module):
                 out = head(h, position_embeddings=base.position_embeddings(h, pos), position_ids=pos,
                            attention_mask=masks.get(getattr(head.layer, "attention_type", "full_attention"),
                                                     masks["full_attention"]))[mask]
-            with autocast(base, self.lm_head_dtype):
-                students[name] = base.logits(out)
+            students[name] = self.logits(out)
         return students, teacher
 
 
@@ -301,6 +318,7 @@ def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, ba
         batch = collate(base, chunk, source.get(chunk), exit_layers)
         students, teacher = model(batch)
         n = teacher.shape[0]
+        teacher = TeacherView(teacher)
         for name, s in students.items():
             totals[name][0] += top1_agreement(s, teacher).item() * n
             totals[name][1] += expected_acceptance(s, teacher).item() * n
@@ -412,6 +430,7 @@ def train(cfg) -> dict:
         epoch, keyed = batch_at(step)
         batch = collate(base, keyed, source.get(keyed), exit_layers)
         students, teacher = engine(batch)
+        teacher = TeacherView(teacher.detach())  # argmax and probabilities once per step, whatever the head count
         losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight) for n, s in students.items()}
         loss = sum(losses.values())
         engine.backward(loss)
