@@ -9,7 +9,8 @@ header implies. Work (h_E) flows 0 -> 1 -> ... -> S-1; each position's draft goe
 the last stage in a DRAFT message sent *after* the work: stage 0 forwards h_E before it runs the exit
 head, so the head never sits on the verification path. Verdicts (one per fresh position) flow S-1 -> 0,
 where a reader thread queues them (gloo cannot poll a receive) so stage 0 can look for a rejection
-between its steps without blocking.
+between its steps without blocking. Every verify stage reads its incoming links the same way (`Inbox`),
+so a receive is always posted before the message is sent.
 Every work message carries (epoch, position): an epoch changes on each flush (a rejected draft) and
 each new request, so a stage drops stale work instead of waiting for it, and crops its KV cache to
 the position of the first message of a newer epoch. Rank 0 waits on every receive with a deadline;
