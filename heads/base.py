@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from heads import batch_invariant
 from heads.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
@@ -211,8 +212,6 @@ class Base:
 
     def set_batch_invariant(self, on: bool) -> None:
         """Decode-time kernels that give a position the same bits however many positions share the call."""
-        from heads import batch_invariant
-
         batch_invariant.apply(self.model, on)
         self.batch_invariant = on
 
@@ -255,11 +254,7 @@ class Base:
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (batch-invariant: a few positions one at a time, as AR computes them)."""
-        from heads.batch_invariant import MAX_ROWS
-
-        if self.batch_invariant and hidden.dim() == 3 and 1 < hidden.shape[1] <= MAX_ROWS:
-            return torch.cat([self.logits(hidden[:, i:i + 1]) for i in range(hidden.shape[1])], dim=1)
+        """Final norm + LM head."""
         return self.model.lm_head(self.decoder.norm(hidden))
 
     def range(self, start: int, end: int) -> "LayerRange":

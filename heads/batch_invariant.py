@@ -7,10 +7,10 @@ rows differ), and SDPA's multi-query kernel differs from its one-query kernel, s
 drifted from AR's on about half the prompts within 64 tokens. Three changes, for calls of at most
 `MAX_ROWS` positions (decode-time shapes; a prefill is longer and identical across methods anyway):
 
-- every decoder-layer linear multiplies fixed blocks of `BLOCK` rows (zero-padded), so a row's result
-  never depends on its neighbours (4 rows cost what 1 row does on these memory-bound calls);
+- every decoder-layer linear multiplies fixed blocks of `BLOCK` rows (the last block padded), so a row's
+  result never depends on its neighbours (4 rows cost what 1 row does on these memory-bound calls);
 - attention with several new queries runs one query at a time over its own causal prefix, the call AR makes;
-- the final norm + LM head runs one position at a time (`Base.logits`).
+- the LM head runs one position at a time (padding it to a block would tax AR's every step by ~25 %).
 
 It applies to every method on a base (AR included), so comparisons stay apples to apples. Greedy
 EESD then equals AR token for token in bf16 (tests/test_decode_bf16.py); the price is measured in
@@ -36,15 +36,25 @@ def blocked_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     n = x.numel() // x.shape[-1]
     if n > MAX_ROWS:
         return F.linear(x, self.weight, self.bias)
-    rows = self.__dict__.get("_rows")
+    rows = self.__dict__.get("_rows")  # MAX_ROWS is a multiple of BLOCK: every block fits
     if rows is None or rows.dtype != x.dtype or rows.device != x.device:
-        rows = self.__dict__["_rows"] = torch.zeros(MAX_ROWS + BLOCK, x.shape[-1], dtype=x.dtype, device=x.device)
+        rows = self.__dict__["_rows"] = torch.zeros(MAX_ROWS, x.shape[-1], dtype=x.dtype, device=x.device)
     rows[:n].copy_(x.reshape(n, -1))
     if n <= BLOCK:
         out = F.linear(rows[:BLOCK], self.weight, self.bias)
     else:
         out = torch.cat([F.linear(rows[i:i + BLOCK], self.weight, self.bias) for i in range(0, n, BLOCK)])
     return out[:n].view(*x.shape[:-1], out.shape[-1])
+
+
+def rowwise_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """F.linear one position at a time for calls of 2..MAX_ROWS positions (the LM head: AR's one-row call)."""
+    n = x.numel() // x.shape[-1]
+    if n == 1 or n > MAX_ROWS:
+        return F.linear(x, self.weight, self.bias)
+    rows = x.reshape(n, x.shape[-1])
+    out = torch.cat([F.linear(rows[i:i + 1], self.weight, self.bias) for i in range(n)])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -71,15 +81,15 @@ def _register_attention() -> None:
 
 
 def apply(model, on: bool = True) -> None:
-    """Switch a loaded causal LM's decoder layers to the batch-invariant kernels (or back to plain SDPA)."""
+    """Switch a loaded causal LM's decoder layers and LM head to the batch-invariant kernels (or back)."""
     if on:
         _register_attention()
     model.config._attn_implementation = ATTENTION if on else "sdpa"
-    for layer in model.model.layers:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                if on:
-                    module.forward = types.MethodType(blocked_linear, module)
-                else:
-                    module.__dict__.pop("forward", None)
-                    module.__dict__.pop("_rows", None)
+    linears = [(m, blocked_linear) for layer in model.model.layers for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
+    for module, forward in linears + [(model.lm_head, rowwise_linear)]:
+        if on:
+            module.forward = types.MethodType(forward, module)
+        else:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_rows", None)

@@ -62,7 +62,7 @@ def test_batch_invariant_kernels_give_a_position_the_same_bits_alone_or_among_ot
     assert torch.equal(many, one)
     base.set_batch_invariant(False)  # and back to the plain kernels
     assert base.config._attn_implementation == "sdpa" and not base.batch_invariant
-    assert all("forward" not in m.__dict__ for m in base.decoder.modules())
+    assert all("forward" not in m.__dict__ for m in base.model.modules())  # layers and LM head
 
 
 def test_partial_load_materialises_only_its_layers(tiny_model_dir):
