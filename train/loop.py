@@ -103,9 +103,14 @@ def check_config(cfg) -> None:
 # ---------------------------------------------------------------- the shared base forward
 
 
+def matmul_dtype(base, dtype) -> torch.dtype:
+    """The torch dtype a `matmul_dtype` setting names (None / "null": the base's own)."""
+    return getattr(torch, str(dtype)) if dtype not in (None, "null", "None") else base.dtype
+
+
 def autocast(base, dtype):
     """Run the frozen base's matmuls in `dtype` (None / the base dtype: no autocast)."""
-    dtype = getattr(torch, str(dtype)) if dtype not in (None, "null", "None") else base.dtype
+    dtype = matmul_dtype(base, dtype)
     return torch.autocast(base.device.type, dtype=dtype, enabled=dtype != base.dtype)
 
 
@@ -188,8 +193,7 @@ class HeadSet(nn.Module):
         """Final norm + LM head, the matmul in `lm_head_dtype` through one kept copy of the frozen LM head:
         autocast would cast the vocab-wide matrix again on every call (it caches casts of trainable leaves only)."""
         base = self.base[0]
-        dtype = self.lm_head_dtype
-        dtype = getattr(torch, str(dtype)) if dtype not in (None, "null", "None") else base.dtype
+        dtype = matmul_dtype(base, self.lm_head_dtype)
         if dtype == base.dtype:
             return base.logits(hidden)
         head = base.model.lm_head

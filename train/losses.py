@@ -1,7 +1,7 @@
 """Distillation loss and the two acceptance metrics; pure functions of (student, teacher) logits (P, V).
 
-A multi-exit job scores several students against one teacher per step, so the teacher's argmax and
-probabilities can be passed in (`TeacherView`) instead of being recomputed per head: over a 49,152-wide
+A multi-exit job scores several students against one teacher per step, so the teacher's argmax,
+probabilities and log-probabilities can be passed in (`TeacherView`) instead of being recomputed per head: over a 49,152-wide
 vocabulary each costs about as much as a student's loss on a CPU."""
 
 from dataclasses import dataclass
@@ -27,6 +27,13 @@ class TeacherView:
     def probs(self) -> torch.Tensor:
         return F.softmax(self.logits.float(), dim=-1)
 
+    def log_probs(self, temperature: float) -> torch.Tensor:
+        """log softmax(logits / T), kept per temperature (the KL target)."""
+        cache = self.__dict__.setdefault("_log_probs", {})
+        if temperature not in cache:
+            cache[temperature] = F.log_softmax(self.logits.float() / temperature, dim=-1)
+        return cache[temperature]
+
 
 def _view(teacher) -> TeacherView:
     return teacher if isinstance(teacher, TeacherView) else TeacherView(teacher)
@@ -34,7 +41,7 @@ def _view(teacher) -> TeacherView:
 
 def kl_loss(student: torch.Tensor, teacher, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) at temperature T, times T^2 (Hinton) so gradients keep their scale."""
-    t = F.log_softmax(_view(teacher).logits.float() / temperature, dim=-1)
+    t = _view(teacher).log_probs(temperature)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
