@@ -156,6 +156,15 @@ def _tiny_overrides(tiny_model_dir, prompt_file, out_dir, cache_dir, *extra):
             "forward_batch_size=4", f"out_dir={out_dir}", "wandb.enabled=false", "threads=1", *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _leave_the_process_group():
+    """In-process runs keep one process group up between them, as a Hydra multirun does; modules after this
+    one (a ppsd pipeline creates its own group) must not inherit it."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _run_in_process(overrides):
     from train.loop import train
 
