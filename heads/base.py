@@ -133,6 +133,13 @@ def _wanted(key: str, layers: range, embedding: bool, lm_head: bool) -> bool:
     return True
 
 
+def _contiguous_input(module, args):
+    """generate()'s prefill hands the LM head hidden[:, -1:, :], a strided view; torch's matmul then expands the
+    vocab-wide weight per batch row (a 64-row batch: 15 s instead of 0.03 s on a CPU core). A copy of the input
+    costs nothing."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def load_base(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -186,6 +193,8 @@ def load_base(
     if needed:
         raise UserError(f"model folder '{folder}' lacks weights for {needed[:3]}...: is it a complete checkpoint?")
     model.eval().requires_grad_(False)
+    if lm_head:
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     base = Base(model=model, tokenizer=tokenizer, name=model_source_id(folder, name_or_path), folder=folder,
                 loaded_layers=layers)

@@ -111,6 +111,16 @@ def test_prompt_positions_start_after_the_shared_prefix():
     assert batch["loss_mask"].sum().item() == 10
 
 
+def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():
+    # row 0: 0.5 + 0.3 reach 0.8, so the 0.15 token and the tail never come out; row 1: flat, so the top-64 search widens
+    probs = torch.tensor([[0.5, 0.3, 0.15] + [0.05 / 997] * 997, [1 / 1000] * 1000])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([D.next_tokens(probs.log(), sample=True, temperature=1.0, top_p=0.8, generator=g) for _ in range(400)])
+    assert set(draws[:, 0].tolist()) == {0, 1}
+    assert draws[:, 1].unique().numel() > 64  # row 1's nucleus holds 800 tokens
+    assert D.next_tokens(probs.log(), sample=False, temperature=1.0, top_p=0.8).tolist() == [0, 0]
+
+
 def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
     prompts = [{"id": f"p{i}", "turns": [f"question {i} " * (i + 1)] + (["and then?"] if i == 0 else [])}
                for i in range(5)]
