@@ -27,6 +27,9 @@ def _torchrun_rank() -> int | None:
     import torch.distributed as dist
 
     if torch.cuda.is_available():  # NCCL sends tensors of the current CUDA device: make it this rank's GPU
+        from heads.hardware import check_ranks_fit_gpus
+
+        check_ranks_fit_gpus()
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
@@ -48,11 +51,14 @@ def main(cfg: DictConfig) -> None:
                 from decode.evaluate import wants_batch_invariant
                 from decode.pipeline import serve_torchrun
                 from heads.base import resolve_model_path
+                from heads.hardware import process_threads, resolve_dtype
 
+                device = resolve_device(cfg.device)
+                cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
                 model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
-                serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "threads": cfg.stage_threads,
-                                "device": resolve_device(cfg.device), "worker_timeout_s": 3600.0,
-                                "batch_invariant": wants_batch_invariant(cfg)})
+                serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "device": device,
+                                "threads": process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+                                "worker_timeout_s": 3600.0, "batch_invariant": wants_batch_invariant(cfg)})
                 dist.destroy_process_group()
                 return
             from hydra.core.hydra_config import HydraConfig

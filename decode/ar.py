@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -34,3 +34,22 @@ def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
     return Generation(tokens=tokens, method="ar", wall_time=time.perf_counter() - start,
                       prompt_tokens=len(prompt_ids), accept_lengths=[1] * len(tokens),
                       stats={"prefill_s": prefill_s, "token_s": step.mean, "steps": step.count})
+
+
+def repeatable_step(base, prompt_ids: list[int]) -> Callable[[], int]:
+    """One AR decode step after `prompt_ids`, callable again and again (the cache is rolled back after
+    each call): what the thread-count measurement times."""
+    model = base.range(0, base.num_layers)
+    n = len(prompt_ids)
+    with torch.inference_mode():
+        model.forward(base.embed(torch.tensor([prompt_ids], device=base.device)), positions(0, n, base.device))
+    last = torch.tensor([prompt_ids[-1:]], device=base.device)
+
+    @torch.inference_mode()
+    def step() -> int:
+        hidden = model.forward(base.embed(last), positions(n, 1, base.device))
+        token = int(torch.argmax(base.logits(hidden)[0, -1]))
+        model.crop(n)
+        return token
+
+    return step

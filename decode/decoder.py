@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from decode.ar import ar_decode
+from decode.ar import ar_decode, repeatable_step
 from decode.common import Generation
 from decode.eesd import eesd_decode
 from decode.pipeline import Pipeline, PipelineError, measure_costs, split_layers
@@ -24,6 +24,7 @@ from decode.ppsd import ppsd_decode
 from heads import load_base, load_head
 from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError
+from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
 
 METHODS = ("ar", "eesd", "ppsd")
@@ -56,6 +57,26 @@ def resolve_device(requested: str | None) -> str:
     if torchrun and torch.cuda.is_available() and requested in ("auto", "cuda"):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu" if requested == "auto" else requested
+
+
+def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: int = 1) -> dict:
+    """Resolve `threads` (ar / eesd) and `stage_threads` (each ppsd stage process). auto: `threads` is the count
+    measured fastest for one AR step of this base on this machine (all cores is not always fastest), and a
+    stage gets that many but at most its share of the cores. On a GPU threads only feed the host side: keep
+    torch's default. Returns {threads, stage_threads, measured_ms: {threads: ms per AR step}}."""
+    measured = {}
+    if not (threads is None or is_auto(threads)):
+        threads = process_threads(threads)
+    elif base.device.type != "cpu":
+        threads = torch.get_num_threads()
+    else:
+        threads, timings = fastest_threads(repeatable_step(base, prompt_ids[:64]), thread_candidates())
+        measured = {n: round(t * 1e3, 3) for n, t in timings.items()}
+    if stage_threads is None or is_auto(stage_threads):
+        stage_threads = min(threads, max(1, cores() // max(1, stages)))
+    else:
+        stage_threads = process_threads(stage_threads)
+    return {"threads": threads, "stage_threads": stage_threads, "measured_ms": measured}
 
 
 class Decoder:

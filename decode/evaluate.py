@@ -234,8 +234,9 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
     the summary into out_dir; return the summary (the JSON line the entry point prints)."""
-    from decode.decoder import METHODS, Decoder, resolve_base_model, resolve_device
+    from decode.decoder import METHODS, Decoder, decode_threads, resolve_base_model, resolve_device
     from heads import load_base
+    from heads.hardware import check_device, resolve_dtype
 
     methods = methods_of(cfg)
     for m in methods:
@@ -247,9 +248,16 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         questions = read_questions(cfg.prompts, cfg.limit)
     else:
         raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
-    device = resolve_device(cfg.device)
+    device = str(check_device(resolve_device(cfg.device)))
+    cfg.dtype = resolve_dtype(cfg.dtype, device)
     base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
                      batch_invariant=wants_batch_invariant(cfg))
+    first_prompt = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
+    base.check_prompt_length(len(first_prompt), cfg.max_new_tokens)  # before any model work
+    threads = decode_threads(base, first_prompt, cfg.threads, cfg.stage_threads, cfg.stages)
+    cfg.threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
+    print(f"{device}, {cfg.dtype}, {cfg.threads} threads (ar/eesd), {cfg.stage_threads} per ppsd stage"
+          + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""), flush=True)
     kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
                   threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
                   device=device)
@@ -260,9 +268,8 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
             decoders[m] = Decoder(m, cfg.head_path if m != "ar" else None, head=head, **kwargs)
             head = head or decoders[m].head
         if cfg.warmup:  # first calls allocate; keep that out of the timings
-            warm_ids = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
             for dec in decoders.values():
-                dec.generate(warm_ids, min(8, cfg.max_new_tokens), temperature=cfg.temperature, seed=cfg.seed)
+                dec.generate(first_prompt, min(8, cfg.max_new_tokens), temperature=cfg.temperature, seed=cfg.seed)
         out_dir.mkdir(parents=True, exist_ok=True)
         model_id = cfg.model_id or Path(base.name).name
         files = {m: open(out_dir / f"answers_{m}.jsonl", "w") for m in methods}
@@ -304,6 +311,10 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         "model": base.name,
         "head_path": cfg.head_path,
         "dtype": str(cfg.dtype),
+        "device": device,
+        "threads": cfg.threads,
+        "stage_threads": cfg.stage_threads,
+        "threads_measured_ms": threads["measured_ms"] or None,
         "temperature": cfg.temperature,
         "max_new_tokens": cfg.max_new_tokens,
         "questions": len(questions),

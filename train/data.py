@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from heads import UserError
 from heads.base import cache_root
+from heads.hardware import is_auto
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
 CACHE_VERSION = 2  # 2: rows leave the batch when they end; top-p over the top k
@@ -243,6 +244,24 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, w
                 bar.update(len(chunk))
     bar.close()
     return rows
+
+
+def generation_batch_size(base, cfg) -> int:
+    """Rows per generation batch: `data.gen_batch_size`, or auto = 128 on a CPU (the fastest measured there),
+    and on a GPU as many rows as half its free memory holds KV caches for (prompt + answer), at most 512."""
+    if not is_auto(cfg.gen_batch_size):
+        if int(cfg.gen_batch_size) < 1:
+            raise UserError(f"data.gen_batch_size={cfg.gen_batch_size} must be >= 1 (or auto)")
+        return int(cfg.gen_batch_size)
+    if base.device.type != "cuda":
+        return 128
+    c = base.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    bytes_per_row = 2 * c.num_hidden_layers * kv_heads * head_dim * base.dtype.itemsize \
+        * (int(cfg.max_prompt_tokens) + int(cfg.max_new_tokens)) + 4 * base.vocab_size
+    free, _ = torch.cuda.mem_get_info(base.device)
+    return max(1, min(512, int(0.5 * free) // bytes_per_row))
 
 
 def _atomic_write_dir(target: Path, files: dict[str, str]) -> None:

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from heads import UserError, build_head, load_base, load_head
+from heads.hardware import check_device, check_ranks_fit_gpus, is_auto, process_threads, resolve_dtype
 from heads.head import HEAD_TYPES
 from train import data as D
 from train.losses import LOSSES, TeacherView, distill_loss, expected_acceptance, top1_agreement
@@ -47,23 +48,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(threads: int | None = None):
-    """Use the launcher's rank variables (torchrun, deepspeed) or make a world of one."""
+def train_device(setting) -> torch.device:
+    """auto: this rank's GPU when CUDA is available (NCCL needs one GPU per rank), else the CPU."""
+    if is_auto(setting):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        check_ranks_fit_gpus()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = check_device(setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def init_distributed(device: torch.device, threads=None):
+    """Use the launcher's rank variables (torchrun, deepspeed) or make a world of one: NCCL on this rank's
+    GPU (made the current device first: NCCL's collectives and object broadcasts use it), else gloo."""
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
-    if not torch.cuda.is_available():  # one process per core share, or they fight over the cores
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False,
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # one process per core share, or they fight over the cores
+        torch.set_num_threads(process_threads(threads, int(os.environ["LOCAL_WORLD_SIZE"])))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
                                timeout=datetime.timedelta(hours=2))  # rank 0 may generate data for a while
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def _barrier():
-    torch.distributed.barrier()
+    if torch.distributed.get_backend() == "nccl":  # name the GPU, or NCCL guesses one per rank
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
 
 
 def _broadcast(obj):
@@ -315,21 +335,38 @@ def save_head_folder(head, folder: Path) -> None:
 @torch.no_grad()
 def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, batch_size: int) -> dict:
     """Position-weighted held-out top-1 agreement, expected acceptance and loss per head."""
-    totals = {f"L{e}": [0.0, 0.0, 0] for e in exit_layers}
+    sums = torch.zeros(len(exit_layers), 2, dtype=torch.float64, device=base.device)  # on the device: no sync per batch
+    positions = 0
     lm_head_dtype, model.lm_head_dtype = model.lm_head_dtype, None  # the exact teacher, whatever trained
     for b in range(0, len(keyed), batch_size):
         chunk = keyed[b:b + batch_size]
         batch = collate(base, chunk, source.get(chunk), exit_layers)
         students, teacher = model(batch)
         n = teacher.shape[0]
-        teacher = TeacherView(teacher)
-        for name, s in students.items():
-            totals[name][0] += top1_agreement(s, teacher).item() * n
-            totals[name][1] += expected_acceptance(s, teacher).item() * n
-            totals[name][2] += n
+        sums += head_metrics(students, TeacherView(teacher))[:, 1:] * n
+        positions += n
     model.lm_head_dtype = lm_head_dtype
-    return {name: {"top1": t[0] / max(1, t[2]), "expected_acceptance": t[1] / max(1, t[2]), "positions": t[2]}
-            for name, t in totals.items()}
+    means = (sums / max(1, positions)).tolist()
+    return {name: {"top1": m[0], "expected_acceptance": m[1], "positions": positions}
+            for name, m in zip(model.heads, means)}
+
+
+def head_metrics(students: dict, teacher: TeacherView, losses: dict | None = None) -> torch.Tensor:
+    """(heads, 3) [loss, top-1 agreement, expected acceptance] on the heads' device: a step's metrics stay
+    there until one reduction and one read (a value read per metric would wait for the GPU each time)."""
+    rows = []
+    for name, s in students.items():
+        loss = losses[name].detach().float() if losses else torch.zeros((), device=s.device)
+        rows.append(torch.stack([loss, top1_agreement(s, teacher), expected_acceptance(s, teacher)]))
+    return torch.stack(rows).double()
+
+
+def reduce_mean(stats: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean over ranks, in place on the tensor's own device (NCCL takes GPU tensors only)."""
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+        stats /= world
+    return stats
 
 
 # ---------------------------------------------------------------- the job
@@ -339,9 +376,15 @@ def train(cfg) -> dict:
     t_start = time.time()
     check_config(cfg)
     # Bad input fails here, before the slow distributed set-up.
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = train_device(cfg.device)
+    quiet = int(os.environ.get("RANK", 0)) != 0
+    cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
+    cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
+    cfg.data.gen_dtype = resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet)
     base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    cfg.data.gen_batch_size = D.generation_batch_size(base, cfg.data)
+    if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
+        cfg.forward_batch_size = 64 if device.type == "cuda" else 16
     exit_layers = exit_layers_of(cfg, base.num_layers)
     head_type = cfg.head.type
     prompts = D.load_prompts(cfg.data.prompts, split=cfg.data.prompt_split, field=cfg.data.prompt_field,
@@ -352,7 +395,7 @@ def train(cfg) -> dict:
 
     import deepspeed
 
-    rank, world = init_distributed(cfg.threads)
+    rank, world = init_distributed(device, cfg.threads)
     main = rank == 0
     torch.manual_seed(cfg.seed)
     out_dir = Path(_broadcast(str(Path(cfg.out_dir).resolve())))  # ranks' Hydra folders may differ by a second
@@ -440,16 +483,13 @@ def train(cfg) -> dict:
         engine.backward(loss)
         engine.step()
         step += 1
-        stats = torch.tensor([[losses[n].item(), top1_agreement(s, teacher).item(), expected_acceptance(s, teacher).item()]
-                              for n, s in students.items()])
-        torch.distributed.all_reduce(stats)
-        stats /= world
+        stats = reduce_mean(head_metrics(students, teacher, losses), world).tolist()  # the step's one host read
         if main:
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                      "loss": stats[:, 0].sum().item(), "top1": stats[:, 1].mean().item(),
-                      "expected_acceptance": stats[:, 2].mean().item()}
+                      "loss": sum(r[0] for r in stats), "top1": sum(r[1] for r in stats) / len(stats),
+                      "expected_acceptance": sum(r[2] for r in stats) / len(stats)}
             if len(exit_layers) > 1:
-                for n, row in zip(students, stats.tolist()):
+                for n, row in zip(students, stats):
                     record |= {f"{n}/loss": row[0], f"{n}/top1": row[1], f"{n}/expected_acceptance": row[2]}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -502,7 +542,9 @@ def train(cfg) -> dict:
                   "heldout_positions": next(iter(heldout.values()), {}).get("positions", 0),
                   "generate_seconds": round(gen_seconds, 1), "base_forward_seconds": round(features_seconds, 1),
                   "train_seconds": round(train_seconds, 1),
-                  "total_seconds": round(time.time() - t_start, 1), "out_dir": str(out_dir)}
+                  "total_seconds": round(time.time() - t_start, 1), "out_dir": str(out_dir),
+                  "device": str(device), "dtype": str(cfg.dtype), "matmul_dtype": str(cfg.matmul_dtype),
+                  "gen_dtype": str(cfg.data.gen_dtype), "threads": torch.get_num_threads()}
         if len(per_head) == 1:
             h = per_head[0]
             result = {"head_path": h["head_path"], "exit_layer": h["exit_layer"], "heldout_top1": h["heldout_top1"],
