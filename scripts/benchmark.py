@@ -170,13 +170,13 @@ def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int
             for ids, reference in zip(prompt_ids, references):
                 lower = base.range(0, layout[0].stop)
                 uppers = [base.range(r.start, r.stop) for r in layout[1:]]
-                hidden, _ = draft_step(base, head, lower, torch.tensor([ids]), 0, with_logits=False)
+                hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
                 for r in uppers:
                     hidden = r.forward(hidden, positions(0, len(ids), base.device))
                 pos = len(ids)
                 for token in reference[:-1]:
                     t0 = time.perf_counter()
-                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]]), pos)
+                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
                     int(torch.argmax(logits))
                     times = [time.perf_counter() - t0]
                     for i, r in enumerate(uppers):
@@ -198,13 +198,16 @@ def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int
 def load_model(cfg: DictConfig):
     """The base and the head every method shares (an untrained head of `head_type` for oracle runs
     without head_path: oracle drafts replace its tokens, its cost is all that matters)."""
-    from decode.decoder import resolve_base_model
+    from decode.decoder import resolve_base_model, resolve_device
     from decode.pipeline import measure_costs
     from heads import build_head, load_base, load_head
+    from heads.hardware import check_device, resolve_dtype
 
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype,
+    device = str(check_device(resolve_device(cfg.device)))
+    cfg.dtype = resolve_dtype(cfg.dtype, device)
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
                      batch_invariant=bool(cfg.batch_invariant))
     if cfg.head_path:
         return base, load_head(cfg.head_path, base)
@@ -222,15 +225,19 @@ def run_benchmark(cfg: DictConfig) -> dict:
     import torch
 
     from decode import Decoder, OracleDrafts
+    from decode.decoder import decode_threads
 
     load = os.getloadavg()[0]
     base, head = load_model(cfg)
     texts = load_prompts(cfg.prompts, cfg.num_prompts)
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype)
+    threads = decode_threads(base, prompt_ids[0], cfg.ar_threads, cfg.stage_threads, cfg.stages)
+    cfg.ar_threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
+    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device))
     torch.manual_seed(cfg.seed)
-    print(f"{base.name} {cfg.dtype}, {head.describe()}, {len(prompt_ids)} prompts × {n} new tokens, "
-          f"load average {load:.2f} at start", flush=True)
+    print(f"{base.name} {cfg.dtype} on {base.device}, {head.describe()}, {len(prompt_ids)} prompts × {n} new tokens, "
+          f"{cfg.ar_threads} AR threads (ms per AR step by threads: {threads['measured_ms'] or 'not measured'}), "
+          f"{cfg.stage_threads} per stage, load average {load:.2f} at start", flush=True)
 
     ar = Decoder("ar", threads=cfg.ar_threads, **common)
     warm_up(ar, prompt_ids[0], cfg.warmup_tokens)
@@ -241,7 +248,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     result = {"mode": cfg.mode, "model": base.name, "head": cfg.head_path or f"untrained {cfg.head_type}",
               "exit_layer": head.exit_layer, "num_layers": base.num_layers, "dtype": cfg.dtype,
               "prompts": len(prompt_ids), "max_new_tokens": n, "ar_threads": cfg.ar_threads,
-              "stage_threads": cfg.stage_threads, "load_average": round(load, 2),
+              "stage_threads": cfg.stage_threads, "threads_measured_ms": threads["measured_ms"] or None,
+              "device": str(base.device), "load_average": round(load, 2),
               "ar_ms_per_token": t_ar / MS, "ar_1thread_ms_per_token": ar1_run.s_per_token / MS}
 
     with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, window=cfg.window, **common) as ppsd:

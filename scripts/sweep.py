@@ -384,6 +384,8 @@ def candidate_row(candidate: Candidate, trained: dict, result: dict, num_layers:
         "train_seconds": trained.get("train_seconds"),
         "eval_seconds": round(seconds, 1),
         "num_layers": num_layers,
+        "device": result.get("device"), "dtype": result.get("dtype"),  # what decode's `auto` resolved to
+        "threads": result.get("threads"), "stage_threads": result.get("stage_threads"),
     }
     if alpha is not None and num_layers:
         row["ideal_speedup"] = ideal_ppsd_speedup(alpha, num_layers, candidate.exit_layer)
