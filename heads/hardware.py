@@ -109,8 +109,13 @@ def native_bf16(device_type: str) -> tuple[bool, str]:
 
 
 def resolve_dtype(value, device: str | torch.device = "cpu", *, name: str = "dtype", quiet: bool = False):
-    """`auto` -> "bfloat16" where native, else "float32"; anything else (a dtype, or null) is returned unchanged."""
+    """`auto` -> "bfloat16" where native, else "float32"; anything else (a dtype, or null) is returned unchanged
+    (an explicit bf16 where it is emulated gets a printed warning: it runs, slowly)."""
     if not is_auto(value):
+        if str(value) in ("bfloat16", "bf16") and not quiet and torch.device(device).type == "cpu":
+            native, why = native_bf16("cpu")
+            if not native:
+                print(f"warning: {name}={value} on this CPU is slow ({why}): {name}=auto picks float32 here", flush=True)
         return value
     native, why = native_bf16(torch.device(device).type)
     chosen = "bfloat16" if native else "float32"

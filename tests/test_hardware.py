@@ -36,6 +36,7 @@ def test_dtype_auto_follows_native_bf16(cpu_flags, capsys, flags, gemm_speedup, 
     assert f"dtype=auto -> {expected}" in capsys.readouterr().out  # the choice is printed, with its reason
     assert hardware.resolve_dtype("float32", "cpu") == "float32"  # explicit values win
     assert hardware.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert ("is slow" in capsys.readouterr().out) == (expected == "float32")  # explicit emulated bf16: warned
     assert hardware.resolve_dtype(None, "cpu") is None  # null keeps its meaning (e.g. matmul_dtype: = dtype)
 
 
