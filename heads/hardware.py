@@ -99,10 +99,13 @@ def native_bf16(device_type: str) -> tuple[bool, str]:
         return ok, f"{torch.cuda.get_device_name()} {'supports' if ok else 'lacks'} bf16"
     if device_type != "cpu":
         return False, f"{device_type} is not a CUDA or CPU device"
-    flags = _cpu_flags()
-    if flags is not None and flags & {"avx512_bf16", "amx_bf16"}:
-        return True, f"the CPU has {'/'.join(sorted(flags & {'avx512_bf16', 'amx_bf16'}))}"
-    if flags is not None and "avx2" in flags:  # an x86 CPU without either: bf16 matmuls are emulated
+    flags, capability = _cpu_flags(), torch.backends.cpu.get_cpu_capability()
+    if flags is not None and "avx2" in flags:  # x86: bf16 needs the flags, and kernels allowed to use them
+        bf16 = flags & {"avx512_bf16", "amx_bf16"}
+        if bf16 and capability.startswith("AVX512"):
+            return True, f"the CPU has {'/'.join(sorted(bf16))}"
+        if bf16:  # e.g. ATEN_CPU_CAPABILITY=avx2 caps torch's kernels below the bf16 instructions
+            return False, f"torch's CPU kernels are capped at {capability}, so bf16 matmuls are emulated"
         return False, "the CPU has no avx512_bf16 or amx_bf16, so bf16 matmuls are emulated"
     ratio = _bf16_gemm_speedup()  # other CPUs (e.g. Arm, or flags unreadable): measure
     return ratio > 1.0, f"a bf16 GEMM ran {ratio:.2f}x the speed of fp32 on this CPU"

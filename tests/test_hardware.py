@@ -13,8 +13,9 @@ from heads.errors import UserError
 @pytest.fixture
 def cpu_flags(monkeypatch):
     """Pretend to be a CPU with the given /proc/cpuinfo flags (None: unreadable)."""
-    def set_flags(flags, gemm_speedup=None):
+    def set_flags(flags, gemm_speedup=None, capability="AVX512"):
         monkeypatch.setattr(hardware, "_cpu_flags", lambda: flags)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         if gemm_speedup is not None:
             monkeypatch.setattr(hardware, "_bf16_gemm_speedup", lambda: gemm_speedup)
         hardware.native_bf16.cache_clear()
@@ -38,6 +39,12 @@ def test_dtype_auto_follows_native_bf16(cpu_flags, capsys, flags, gemm_speedup, 
     assert hardware.resolve_dtype("bfloat16", "cpu") == "bfloat16"
     assert ("is slow" in capsys.readouterr().out) == (expected == "float32")  # explicit emulated bf16: warned
     assert hardware.resolve_dtype(None, "cpu") is None  # null keeps its meaning (e.g. matmul_dtype: = dtype)
+
+
+def test_dtype_auto_respects_kernels_capped_below_bf16(cpu_flags):
+    """ATEN_CPU_CAPABILITY=avx2 on a bf16 CPU: torch's kernels cannot use the bf16 instructions."""
+    cpu_flags({"avx2", "avx512f", "avx512_bf16"}, capability="AVX2")
+    assert hardware.resolve_dtype("auto", "cpu", quiet=True) == "float32"
 
 
 def test_fastest_threads_is_measured_not_all_cores():
