@@ -352,7 +352,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         "mean_accepted_length": main["mean_accepted_length"],
         "tokens_per_s": main["tokens_per_s"],
         "speedup_vs_ar": main["speedup_vs_ar"],
-        "spec_bench_speedup": main["spec_bench_speedup"],  # what Spec-Bench's evaluation/speed.py prints
+        "spec_bench_speedup": main["spec_bench_speedup"],  # Spec-Bench speed.py's figure
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
         "lossless": not mismatches if cfg.temperature <= 0 else None,

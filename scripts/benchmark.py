@@ -170,13 +170,13 @@ def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int
             for ids, reference in zip(prompt_ids, references):
                 lower = base.range(0, layout[0].stop)
                 uppers = [base.range(r.start, r.stop) for r in layout[1:]]
-                hidden, _ = draft_step(base, head, lower, torch.tensor([ids]), 0, with_logits=False)
+                hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
                 for r in uppers:
                     hidden = r.forward(hidden, positions(0, len(ids), base.device))
                 pos = len(ids)
                 for token in reference[:-1]:
                     t0 = time.perf_counter()
-                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]]), pos)
+                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
                     int(torch.argmax(logits))
                     times = [time.perf_counter() - t0]
                     for i, r in enumerate(uppers):
@@ -204,7 +204,7 @@ def load_model(cfg: DictConfig):
 
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype,
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=cfg.device,
                      batch_invariant=bool(cfg.batch_invariant))
     if cfg.head_path:
         return base, load_head(cfg.head_path, base)
@@ -227,7 +227,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
     base, head = load_model(cfg)
     texts = load_prompts(cfg.prompts, cfg.num_prompts)
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype)
+    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=cfg.device)
     torch.manual_seed(cfg.seed)
     print(f"{base.name} {cfg.dtype}, {head.describe()}, {len(prompt_ids)} prompts × {n} new tokens, "
           f"load average {load:.2f} at start", flush=True)
