@@ -2,7 +2,7 @@
 
     python -m scripts.gpu_check                        # cuda when available (bf16), else cpu (fp32)
     python -m scripts.gpu_check --device cpu --train-overrides "data=tiny max_steps=10" \
-        --limit 2 --max-new-tokens 8 --benchmark-overrides "num_prompts=1 alphas=[0.0,1.0] gammas=[2]"
+        --limit 2 --max-new-tokens 8 --benchmark-overrides "num_prompts=1 alphas=[0.0,1.0] gammas=[2]" --time-limit 1800
 
 In order, each as its own subprocess (a crash or hang in one is recorded and the next still runs):
 1. train: `python -m train` (the default training), its last JSON line (head_path, held-out α, timings);
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-overrides", default="", help="extra decode overrides")
     p.add_argument("--benchmark-overrides", default="", help="extra benchmark overrides")
     p.add_argument("--step-timeout", type=float, default=400, help="seconds before one step is killed")
-    p.add_argument("--time-limit", type=float, default=570,
+    p.add_argument("--time-limit", type=float, default=540,
                    help="seconds for the whole check (a device machine allows 600 per command): later steps get "
                         "what is left")
     p.add_argument("--out-dir", default=None, help="logs and outputs (default: outputs/gpu_check/<time>)")
