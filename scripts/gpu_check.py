@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# a shorter oracle sweep than conf/benchmark.yaml's, so the whole check fits one 10-minute device command
+BENCHMARK_DEFAULTS = ["num_prompts=2", "alphas=[0.0,0.5,0.9,1.0]"]
 PROMPTS = os.environ.get("PPSD_BENCH_PROMPTS", str(ROOT.parent / "shared" / "benchmarks" / "spec_bench_dev.jsonl"))
 
 
@@ -103,6 +105,12 @@ def error_line(stderr: str) -> str:
     if not paragraphs:
         return "(no stderr)"
     return " | ".join(line.strip() for line in paragraphs[-1].strip().splitlines()[-5:])[-500:]
+
+
+def merged(defaults: list[str], overrides: list[str]) -> list[str]:
+    """Hydra overrides: `overrides` replace the defaults with the same key (Hydra refuses a key given twice)."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + overrides
 
 
 def _text(data) -> str:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps["benchmark"] = run_step("benchmark", [
         "scripts.benchmark", "mode=oracle", f"model={args.model}", f"prompts={args.prompts}",
         f"max_new_tokens={args.max_new_tokens}", f"device={args.device}", f"dtype={args.dtype}",
-        *shlex.split(args.benchmark_overrides),
+        *merged(BENCHMARK_DEFAULTS, shlex.split(args.benchmark_overrides)),
     ], args.out_dir, timeout())
     figures_of(steps["benchmark"], benchmark_figures)
 
