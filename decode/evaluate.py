@@ -2,8 +2,9 @@
 
 Input: JSONL with question_id, category, turns (user messages; the model's own answer is fed back
 between turns through the chat template). Output: Spec-Bench's answer format (choices[0].turns,
-new_tokens, wall_time, accept_lengths per turn) for every method, and a summary: tokens/s,
-acceptance rate, mean accepted length, speedup vs ar (same invocation), the prediction of
+new_tokens, wall_time and decoding_steps per turn, accept_lengths one flat list per question) for every
+method, and a summary: tokens/s, acceptance rate, mean accepted length, speedup vs ar (same invocation),
+the speedup Spec-Bench's evaluation/speed.py would print for these files, the prediction of
 decode/theory.py from the measured acceptance and stage costs, and the fastest method.
 """
 
@@ -76,13 +77,38 @@ def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float =
         choice["decoding_steps"].append(len(gen.accept_lengths))
         choice["new_tokens"].append(gen.new_tokens)
         choice["wall_time"].append(gen.wall_time)
-        choice["accept_lengths"].append(gen.accept_lengths)
+        # one flat list per question, as Spec-Bench's own writers keep it: speed.py extends a list with it
+        # and takes np.mean, which fails on (ragged) per-turn lists
+        choice["accept_lengths"].extend(gen.accept_lengths)
     return choice, generations
 
 
 def answer_record(question: dict, choice: dict, model_id: str, method: str) -> dict:
     return {"question_id": question["question_id"], "category": question["category"], "answer_id": uuid.uuid4().hex,
             "model_id": f"{model_id}-{method}", "choices": [choice], "tstamp": time.time()}
+
+
+# ---- Spec-Bench's evaluation/speed.py, on our answer records ------------------------------------
+
+def speed_py_token_count(tokenizer):
+    """How speed.py counts the tokens of a baseline turn: it re-tokenizes the answer text and subtracts 1
+    for the BOS a Llama/Vicuna tokenizer prepends. With a tokenizer that adds no BOS (SmolLM2's) that is one
+    short per turn, and re-tokenized text need not give back the generated count (dropped stop tokens,
+    non-canonical splits); kept as is so `spec_bench_speedup` is the number speed.py prints."""
+    return lambda text: len(tokenizer(text).input_ids) - 1
+
+
+def spec_bench_speedup(records: list[dict], baseline: list[dict], count_tokens) -> float | None:
+    """speed.py's "Speedup ratio": the mean over questions of sum(new_tokens) / sum(wall_time), divided by
+    the same mean over the baseline's questions, whose tokens are recounted from its answer text. A mean of
+    per-question speeds, so it differs from speedup_vs_ar (all tokens / all time) when questions differ."""
+    def mean_speed(recs, tokens_of) -> float | None:
+        speeds = [tokens_of(r["choices"][0]) / sum(r["choices"][0]["wall_time"]) for r in recs]
+        return sum(speeds) / len(speeds) if speeds else None
+
+    mine = mean_speed(records, lambda c: sum(c["new_tokens"]))
+    base = mean_speed(baseline, lambda c: sum(count_tokens(t) for t in c["turns"]))
+    return mine / base if mine is not None and base else None
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -172,8 +198,18 @@ def ppsd_time(alpha: float, model: dict, stage_s: list[float] | None = None) -> 
 
 
 def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],
-              gamma: int) -> dict:
-    """Figures for every method (overall and per category), speedups vs ar, predictions, the fastest."""
+              gamma: int, records_by_method: dict[str, list[dict]] | None = None, count_tokens=None) -> dict:
+    """Figures for every method (overall and per category), speedups vs ar, predictions, the fastest;
+    with the answer records and speed.py's token count, also speed.py's speedup vs the ar file (for ar
+    itself it is not 1: speed.py recounts only the baseline's tokens)."""
+    records_by_method = records_by_method or {}
+
+    def spec_bench(name: str, category: str | None = None) -> float | None:
+        if count_tokens is None or "ar" not in records_by_method or name not in records_by_method:
+            return None
+        pick = lambda recs: [r for r in recs if category in (None, r["category"])]  # noqa: E731
+        return spec_bench_speedup(pick(records_by_method[name]), pick(records_by_method["ar"]), count_tokens)
+
     ar = gens_by_method.get("ar")
     ar_figs = figures(ar) if ar else None
     t_ar = ar_token_s(ar) if ar else None
@@ -181,6 +217,7 @@ def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_
     for name, gens in gens_by_method.items():
         figs = figures(gens)
         figs["speedup_vs_ar"] = figs["tokens_per_s"] / ar_figs["tokens_per_s"] if ar_figs else None
+        figs["spec_bench_speedup"] = spec_bench(name)
         pred = predict(name, gens, t_ar, gamma, figs["acceptance_rate"])
         figs.update(pred)
         p = pred.get("predicted_speedup")
@@ -197,8 +234,9 @@ def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_
             f = figures(cg)
             ar_tps = figures(ar_by_cat[c])["tokens_per_s"] if ar_by_cat.get(c) else None
             f["speedup_vs_ar"] = f["tokens_per_s"] / ar_tps if ar_tps else None
+            f["spec_bench_speedup"] = spec_bench(name, c)
             figs["categories"][c] = {k: f[k] for k in ("tokens_per_s", "acceptance_rate", "mean_accepted_length",
-                                                        "speedup_vs_ar", "new_tokens")}
+                                                        "speedup_vs_ar", "spec_bench_speedup", "new_tokens")}
         result[name] = figs
     fastest = max(result, key=lambda n: result[n]["tokens_per_s"])
     return {"figures": result, "fastest_method": fastest}
@@ -273,7 +311,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         model_id = cfg.model_id or Path(base.name).name
         files = {m: open(out_dir / f"answers_{m}.jsonl", "w") for m in methods}
-        gens_by_method, cats_by_method = defaultdict(list), defaultdict(list)
+        gens_by_method, cats_by_method, records_by_method = defaultdict(list), defaultdict(list), defaultdict(list)
         mismatches = []
         try:
             for qi, question in enumerate(questions):
@@ -282,7 +320,9 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
                     show = print_text if (print_text and m == cfg.method) else None
                     choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
                                           seed=cfg.seed, on_text=show)
-                    files[m].write(json.dumps(answer_record(question, choice, model_id, m)) + "\n")
+                    record = answer_record(question, choice, model_id, m)
+                    records_by_method[m].append(record)
+                    files[m].write(json.dumps(record) + "\n")
                     files[m].flush()
                     gens_by_method[m] += gens
                     cats_by_method[m] += [question["category"]] * len(gens)
@@ -299,7 +339,8 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     finally:
         for dec in decoders.values():
             dec.close()
-    summary = summarize(cfg.method, gens_by_method, cats_by_method, cfg.gamma)
+    summary = summarize(cfg.method, gens_by_method, cats_by_method, cfg.gamma, records_by_method,
+                        speed_py_token_count(base.tokenizer))
     figs = summary["figures"]
     main = figs[cfg.method]
     exit_layer = next((d.exit_layer for d in decoders.values() if d.exit_layer is not None), None)
@@ -322,6 +363,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         "mean_accepted_length": main["mean_accepted_length"],
         "tokens_per_s": main["tokens_per_s"],
         "speedup_vs_ar": main["speedup_vs_ar"],
+        "spec_bench_speedup": main["spec_bench_speedup"],  # Spec-Bench speed.py's figure
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
         "lossless": not mismatches if cfg.temperature <= 0 else None,
