@@ -1,6 +1,6 @@
 """python -m scripts.gpu_check: the project's three checks on one device, one JSON object out.
 
-    python -m scripts.gpu_check                        # cuda when available (bf16), else cpu (fp32)
+    python -m scripts.gpu_check                        # cuda when available, else cpu; dtype auto
     python -m scripts.gpu_check --device cpu --train-overrides "data=tiny max_steps=10" \
         --limit 2 --max-new-tokens 8 --benchmark-overrides "num_prompts=1 alphas=[0.0,1.0] gammas=[2]" --time-limit 1800
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda | cuda:N | cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="decode/benchmark dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default="auto", help="decode/benchmark dtype (auto: bf16 where native, else fp32)")
     p.add_argument("--model", default="smollm2", help="base model for train and benchmark")
     p.add_argument("--prompts", default=PROMPTS, help="Spec-Bench-format JSONL ($PPSD_BENCH_PROMPTS)")
     p.add_argument("--limit", type=int, default=12, help="dev questions for the losslessness check")
@@ -49,7 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "what is left")
     p.add_argument("--out-dir", default=None, help="logs and outputs (default: outputs/gpu_check/<time>)")
     args = p.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.out_dir = Path(args.out_dir or ROOT / "outputs" / "gpu_check" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     return args
 
