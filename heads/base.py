@@ -9,7 +9,9 @@ back to a position, and apply the final norm + LM head. A process can load only 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -33,6 +35,14 @@ EMBEDDED_MODELS = {
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+@functools.cache
+def cache_kwarg(fn) -> str:
+    """The keyword `fn` (a layer's or model's forward, a mask builder) takes its KV cache by: transformers 5.24
+    renamed `past_key_values=` to `cache=` (the old name warns on every call and goes in 5.40); 5.14 to 5.23
+    know only the old name."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def cache_root() -> Path:
@@ -218,6 +228,7 @@ class Base:
         self.vocab_size = self.config.vocab_size
         self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
         self.batch_invariant = False
+        self.layers = list(self.decoder.layers)  # slicing the ModuleList would build a new module per call
 
     def set_batch_invariant(self, on: bool) -> None:
         """Decode-time kernels that give a position the same bits however many positions share the call."""
@@ -241,25 +252,27 @@ class Base:
     def attention_masks(self, hidden, position_ids, cache=None, attention_mask=None, layer_idx: int = 0) -> dict:
         """The masks a layer range needs, keyed by attention type (full / sliding window)."""
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                      past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
+                      position_ids=position_ids, layer_idx=layer_idx)
+        kwargs[cache_kwarg(create_causal_mask)] = cache
+        masks = {"full_attention": None if self._no_mask_needed(hidden, attention_mask) else create_causal_mask(**kwargs)}
         if getattr(self.config, "sliding_window", None) and "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
+    def _no_mask_needed(self, hidden, attention_mask) -> bool:
+        """One new position without padding attends to the whole cache: SDPA then takes no mask, and
+        create_causal_mask returns None after a dozen small calls per layer range."""
+        return (hidden.shape[1] == 1 and attention_mask is None
+                and self.config._attn_implementation in ("sdpa", batch_invariant.ATTENTION))
+
     def run_layers(self, hidden, start: int, end: int, *, position_ids, cache=None, attention_mask=None):
         """Run decoder layers [start, end) on hidden states (B, T, H); the cache (if any) grows by T."""
         masks = self.attention_masks(hidden, position_ids, cache, attention_mask, layer_idx=start)
-        rope = self.position_embeddings(hidden, position_ids)
-        for layer in self.decoder.layers[start:end]:
-            hidden = layer(
-                hidden,
-                attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
-                position_embeddings=rope,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            )
+        kwargs = dict(position_embeddings=self.position_embeddings(hidden, position_ids), position_ids=position_ids,
+                      use_cache=cache is not None)
+        kwargs[cache_kwarg(type(self.layers[start]).forward)] = cache
+        for layer in self.layers[start:end]:
+            hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")], **kwargs)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from heads.base import cache_kwarg
 from heads.errors import UserError
 
 HEAD_TYPES = ("mlp", "transformer")
@@ -99,7 +100,8 @@ class ExitHead(
         if self.head_type == "mlp":
             return hidden + self.down(nn.functional.silu(self.up(self.norm(hidden))))
         return self.layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                          position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+                          position_ids=position_ids, use_cache=cache is not None,
+                          **{cache_kwarg(type(self.layer).forward): cache})
 
     def describe(self) -> str:
         return f"{self.head_type} head at layer {self.exit_layer}/{self.num_base_layers} of {self.base_model}"

@@ -2,6 +2,7 @@
 sampling that keeps the model's distribution, the oracle instrument, streaming, bad input."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,17 @@ def test_eesd_greedy_equals_ar(tiny_base, heads, reference, head_name):
             got = dec.generate(prompt, 40)
             assert got.tokens == want
             assert 0 < got.drafts_verified and sum(got.accept_lengths) == len(want)
+
+
+@pytest.mark.parametrize("head_name", ["mlp", "transformer"])
+def test_no_future_warning_from_our_calls(tiny_base, heads, head_name):
+    """transformers warns (FutureWarning) on every call that passes a deprecated argument name, e.g.
+    `past_key_values=` since `cache=` replaced it: none of our calls may."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ar = Decoder("ar", base=tiny_base, threads=1).generate(PROMPTS[0], 12).tokens
+        eesd = Decoder("eesd", heads[head_name], base=tiny_base, threads=1, gamma=3).generate(PROMPTS[0], 12).tokens
+    assert eesd == ar
 
 
 def test_ppsd_greedy_equals_ar(ppsd, reference, heads, tiny_base):

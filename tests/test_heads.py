@@ -28,6 +28,28 @@ def test_layer_ranges_with_caches_match_full_forward(tiny_base):
     assert a.length == b.length == 12
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_a_one_position_step_skips_only_a_mask_transformers_would_not_build(tiny_model_dir, batch_invariant):
+    """run_layers passes no mask for one new position without padding instead of asking create_causal_mask,
+    which returns None there (SDPA then attends to the whole cache): the upper range's cache starts at layer 2."""
+    from transformers.masking_utils import create_causal_mask
+
+    from heads.base import cache_kwarg
+
+    base = load_base(tiny_model_dir, batch_invariant=batch_invariant)
+    ids = _ids(base, 9, seed=4)
+    pos = torch.arange(9)[None]
+    lower, upper = base.range(0, 2), base.range(2, base.num_layers)
+    with torch.no_grad():
+        upper.forward(lower.forward(base.embed(ids[:, :8]), pos[:, :8]), pos[:, :8])
+        hidden = base.embed(ids[:, 8:])
+        for r in (lower, upper):
+            kwargs = {cache_kwarg(create_causal_mask): r.cache}
+            assert create_causal_mask(base.config, hidden, None, position_ids=pos[:, 8:], layer_idx=r.start, **kwargs) is None
+            assert base.attention_masks(hidden, pos[:, 8:], r.cache, layer_idx=r.start)["full_attention"] is None
+        assert base.attention_masks(base.embed(ids[:, 6:8]), pos[:, 6:8], upper.cache, layer_idx=2)["full_attention"] is not None
+
+
 def test_crop_rolls_back_to_a_position(tiny_base):
     ids = _ids(tiny_base, 10, seed=1)
     other = _ids(tiny_base, 10, seed=2)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from heads import UserError
-from heads.base import cache_root
+from heads.base import cache_kwarg, cache_root
 from heads.hardware import is_auto
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
@@ -180,8 +180,8 @@ def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, 
     responses = [[] for _ in prompts_ids]
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = base.model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = base.model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, **{cache_kwarg(type(base.model).forward): cache}).logits[:, -1]
             tokens = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
             for row, token in zip(rows.tolist(), tokens.tolist()):
                 responses[row].append(token)
