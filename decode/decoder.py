@@ -26,8 +26,7 @@ from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError
 from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
-
-METHODS = ("ar", "eesd", "ppsd")
+from heads.schema import METHODS
 
 
 def resolve_base_model(head_path: str | None, model: str | None) -> str:

@@ -26,8 +26,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from heads.errors import UserError
-
-HEAD_TYPES = ("mlp", "transformer")
+from heads.schema import HEAD_TYPES
 
 
 def decoder_layer_class(config):

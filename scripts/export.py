@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from heads.errors import UserError, exit_on_user_error
+from heads.cli import entry_point
+from heads.errors import UserError
 from heads.hub import measured_from_results, push_head, write_head_folder
 from heads.head import read_head_config
+from heads.schema import EXPORT
 
 
 def read_results(path: str | None, config: dict) -> dict | None:
@@ -55,10 +56,9 @@ def export(cfg: DictConfig) -> dict:
     return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@entry_point("export", EXPORT, one_line_errors=True)
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        print(json.dumps(export(cfg)), flush=True)
+    print(json.dumps(export(cfg)), flush=True)
 
 
 if __name__ == "__main__":
