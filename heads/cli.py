@@ -44,7 +44,7 @@ def fail(message: str, code: int, cfg=None) -> None:
     sys.exit(code)
 
 
-def _hydra_message(e: Exception) -> str:
+def _hydra_message(e: Exception, config_name: str) -> str:
     """Hydra's message on one line: its first line, plus the options it lists for an unknown group choice."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     first = lines[0] if lines else type(e).__name__
@@ -53,8 +53,11 @@ def _hydra_message(e: Exception) -> str:
         options = [l for l in lines[start + 1:] if not l.startswith(("Config search path", "provider=", "In "))]
         options = options[:next((i for i, l in enumerate(options) if ":" in l or " " in l), len(options))]
         return f"{first.rstrip('.')}: use one of {', '.join(options)}"
-    if first.startswith("Could not override") and len(lines) > 1:
-        return f"{first} {lines[1]} (see the keys in conf/; prefix new ones with +)"
+    unknown = re.match(r"Could not (?:override|append to) '([^']+)'", first)
+    if unknown:
+        key = unknown.group(1)
+        return (f"'{key}' is not an option of this command: check the spelling against conf/{config_name}.yaml "
+                f"(its keys, and its groups' choices)")
     return first
 
 
@@ -93,7 +96,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
             try:
                 run_hydra()
             except (HydraException, OmegaConfBaseException) as e:
-                fail(_hydra_message(e), 2)
+                fail(_hydra_message(e, config_name), 2)
             except KeyboardInterrupt:
                 fail("interrupted (Ctrl-C): stopped", INTERRUPTED)
 

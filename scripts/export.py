@@ -9,6 +9,7 @@ one JSON object: where the head went and what the card says it measured.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -52,7 +53,10 @@ def export(cfg: DictConfig) -> dict:
     if cfg.local_dir:
         folder = write_head_folder(cfg.head_path, cfg.local_dir, measured=measured, overwrite=cfg.overwrite)
         return {"local_dir": str(folder)} | where
-    url = push_head(cfg.head_path, cfg.repo_id, private=cfg.private, token=cfg.token, measured=measured)
+    if cfg.token:  # it works, but other users see it in `ps` and it stays in the shell's history
+        print("warning: token= on the command line is visible to other processes and kept in shell history: "
+              "prefer HF_TOKEN or `hf auth login`", file=sys.stderr, flush=True)
+    url = push_head(cfg.head_path, cfg.repo_id, private=cfg.private, token=cfg.token or None, measured=measured)
     return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
 
 
