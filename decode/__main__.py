@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from decode.pipeline import PipelineError
-from heads.errors import exit_on_user_error
+from heads.cli import entry_point
+from heads.schema import DECODE
 
 
 def _torchrun_rank() -> int | None:
@@ -38,43 +38,42 @@ def _torchrun_rank() -> int | None:
     return dist.get_rank()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="decode")
+@entry_point("decode", DECODE)
 def main(cfg: DictConfig) -> None:
     rank = None
-    with exit_on_user_error():
-        try:
-            rank = _torchrun_rank()
-            if rank:  # a verify stage: serve until rank 0 says stop
-                import torch.distributed as dist
+    try:
+        rank = _torchrun_rank()
+        if rank:  # a verify stage: serve until rank 0 says stop
+            import torch.distributed as dist
 
-                from decode.decoder import resolve_base_model, resolve_device
-                from decode.evaluate import wants_batch_invariant
-                from decode.pipeline import serve_torchrun
-                from heads.base import resolve_model_path
-                from heads.hardware import process_threads, resolve_dtype
+            from decode.decoder import resolve_base_model, resolve_device
+            from decode.evaluate import wants_batch_invariant
+            from decode.pipeline import serve_torchrun
+            from heads.base import resolve_model_path
+            from heads.hardware import process_threads, resolve_dtype
 
-                device = resolve_device(cfg.device)
-                cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
-                model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
-                serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "device": device,
-                                "threads": process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
-                                "worker_timeout_s": 3600.0, "batch_invariant": wants_batch_invariant(cfg)})
-                dist.destroy_process_group()
-                return
-            from hydra.core.hydra_config import HydraConfig
+            device = resolve_device(cfg.device)
+            cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
+            model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
+            serve_torchrun({"model_path": model_path, "dtype": cfg.dtype, "device": device,
+                            "threads": process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+                            "worker_timeout_s": 3600.0, "batch_invariant": wants_batch_invariant(cfg)})
+            dist.destroy_process_group()
+            return
+        from hydra.core.hydra_config import HydraConfig
 
-            from decode.evaluate import run
+        from decode.evaluate import run
 
-            out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
-            show = (lambda text: print(text, end="", flush=True)) if cfg.stream else None
-            result = run(cfg, out_dir, print_text=show)
-            print(json.dumps(result), flush=True)
-        except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
-        finally:
-            if rank == 0:  # torchrun's rank 0: never leave the other ranks waiting, then leave the group
-                _leave_torchrun_group()
+        out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+        show = (lambda text: print(text, end="", flush=True)) if cfg.stream else None
+        result = run(cfg, out_dir, print_text=show)
+        print(json.dumps(result), flush=True)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if rank == 0:  # torchrun's rank 0: never leave the other ranks waiting, then leave the group
+            _leave_torchrun_group()
 
 
 def _leave_torchrun_group() -> None:

@@ -26,8 +26,7 @@ from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError
 from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
-
-METHODS = ("ar", "eesd", "ppsd")
+from heads.schema import METHODS
 
 
 def resolve_base_model(head_path: str | None, model: str | None) -> str:
@@ -93,6 +92,7 @@ class Decoder:
         self.threads = threads or torch.get_num_threads()
         self.stage_threads = stage_threads
         self.pipeline = None
+        self.watched: list = []  # pipelines checked between tokens (evaluate.run: every ppsd decoder's)
         self.last_generation: Generation | None = None
         if gamma < 1:
             raise UserError(f"gamma={gamma}: eesd drafts at least one token per round")
@@ -155,15 +155,21 @@ class Decoder:
                     raise UserError("this ppsd Decoder is closed: create a new one")
                 loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
                                    window=self.window, **common)
+            watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
             try:
                 while True:
-                    yield next(loop)
+                    token = next(loop)
+                    for pipeline in watched:
+                        pipeline.check_alive()
+                    yield token
             except StopIteration as stop_iteration:
                 self.last_generation = stop_iteration.value
             finally:
                 loop.close()
         except PipelineError:
-            self.pipeline.kill()  # a dead or hung stage: nothing more can run, leave nothing behind
+            for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
+                if pipeline is not None:
+                    pipeline.kill()
             raise
         finally:
             torch.set_num_threads(previous)

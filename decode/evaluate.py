@@ -305,6 +305,9 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         for m in methods:
             decoders[m] = Decoder(m, cfg.head_path if m != "ar" else None, head=head, **kwargs)
             head = head or decoders[m].head
+        pipelines = [d.pipeline for d in decoders.values() if d.pipeline is not None]
+        for dec in decoders.values():  # a stage that dies during ar's or eesd's turn is an error at their next token
+            dec.watched = pipelines
         if cfg.warmup:  # first calls allocate; keep that out of the timings
             for dec in decoders.values():
                 dec.generate(first_prompt, min(8, cfg.max_new_tokens), temperature=cfg.temperature, seed=cfg.seed)

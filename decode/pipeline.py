@@ -22,9 +22,11 @@ under NCCL (which moves only CUDA tensors), the CPU under gloo. Link.send moves 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -389,6 +391,20 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Ctrl-C reaches the whole terminal process group; the driver alone handles it (its `finally` stops the
+    stages), so stages start with SIGINT ignored (inherited across exec) and print no traceback of their own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _spawned_worker(rank: int, world: int, port: int, spec: dict, parent_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     code = 0
@@ -542,12 +558,13 @@ class Pipeline:
             timeout = datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s))
             store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
             ctx = mp.get_context("spawn")
-            for rank in range(1, self.stages):
-                p = ctx.Process(target=self.worker, daemon=True,
-                                args=(rank, self.stages, port, spec | {"layers": (layout[rank].start, layout[rank].stop)},
-                                      os.getpid()))
-                p.start()
-                self.processes.append(p)
+            with _sigint_ignored_by_children():
+                for rank in range(1, self.stages):
+                    p = ctx.Process(target=self.worker, daemon=True,
+                                    args=(rank, self.stages, port, spec | {"layers": (layout[rank].start, layout[rank].stop)},
+                                          os.getpid()))
+                    p.start()
+                    self.processes.append(p)
             try:
                 _join_spawned(store, self.processes, load_timeout_s)
             except PipelineError:
@@ -582,6 +599,18 @@ class Pipeline:
                 p.join(0.1)
                 text += f", pid {p.pid}, exit code {p.exitcode},"
         return text
+
+    def check_alive(self) -> None:
+        """A spawned stage that has exited while this pipeline is open is an error now, whatever runs meanwhile
+        (another method's turn), not when ppsd next talks to it. One waitpid per stage: cheap per token."""
+        if self.closed:
+            return
+        for rank, p in enumerate(self.processes, start=1):
+            if not p.is_alive():
+                why = self._describe(rank)
+                self.kill()
+                raise PipelineError(f"ppsd pipeline: {why} exited (it crashed or was killed): every stage is stopped; "
+                                    "rerun, and see the stage's own error line above if it printed one")
 
     def _expect(self, header: Header, kind: int) -> Header:
         if header.kind != kind:

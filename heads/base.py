@@ -111,6 +111,15 @@ def resolve_model_path(name_or_path: str) -> Path:
         raise UserError(f"model '{name_or_path}' is neither a local folder nor a Hugging Face repo id") from None
 
 
+def model_num_layers(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """The base's decoder depth from its config alone (no weights), so layer choices fail before a load."""
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if num_layers is None:
+        raise UserError(f"model '{name_or_path}' ({config.model_type}) is not a decoder-only causal LM with num_hidden_layers")
+    return int(num_layers)
+
+
 def model_source_id(folder: Path, name_or_path: str) -> str:
     """The id a head records as its base: the hub id when known (embedded models name their origin)."""
     source = folder / "ppsd_source.json"

@@ -27,8 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from heads.base import cache_kwarg
 from heads.errors import UserError
-
-HEAD_TYPES = ("mlp", "transformer")
+from heads.schema import HEAD_TYPES
 
 
 def decoder_layer_class(config):
@@ -134,16 +133,57 @@ def _head_folder(path_or_id: str) -> Path:
         raise UserError(f"head '{path_or_id}' is not a local folder and could not be fetched ({hint})") from None
 
 
+# config.json's keys (ExitHead's arguments) and their JSON types. A head folder is untrusted input: anything
+# else is a one-line error naming the file, except keys a newer ppsd added, which are dropped with a warning.
+HEAD_CONFIG_TYPES = {"head_type": str, "exit_layer": int, "base_model": str, "base_config": dict,
+                     "mlp_hidden": int, "base_revision": (str, type(None)), "metadata": (dict, type(None))}
+HEAD_CONFIG_REQUIRED = ("head_type", "exit_layer", "base_model", "base_config")
+
+
+def _checked_head_config(config, config_path: Path) -> dict:
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} holds a JSON {type(config).__name__}, not an object: is it a ppsd head folder?")
+    missing = [k for k in HEAD_CONFIG_REQUIRED if k not in config]
+    if missing:
+        raise UserError(f"{config_path} lacks {missing}: is it a ppsd head folder?")
+    unknown = sorted(set(config) - set(HEAD_CONFIG_TYPES))
+    if unknown:
+        print(f"warning: {config_path} has keys this ppsd does not know ({', '.join(unknown)}; written by a newer "
+              "version?): ignored", file=sys.stderr, flush=True)
+    config = {k: v for k, v in config.items() if k in HEAD_CONFIG_TYPES}
+    for key, kind in HEAD_CONFIG_TYPES.items():
+        value = config.get(key)
+        if key in config and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise UserError(f"{config_path}: {key} is {json.dumps(value)[:60]}, which is not a valid {key} "
+                            "(the file is damaged or not a ppsd head config): re-export or retrain the head")
+    if config["head_type"] not in HEAD_TYPES:
+        raise UserError(f"{config_path}: unknown head type '{config['head_type']}': this ppsd loads {', '.join(HEAD_TYPES)} heads")
+    return config
+
+
 def read_head_config(path_or_id: str) -> dict:
     folder = _head_folder(path_or_id)
     config_path = folder / "config.json"
-    if not config_path.exists():
+    if not config_path.is_file():
         raise UserError(f"head folder '{folder}' has no config.json: is it a ppsd head folder?")
-    config = json.loads(config_path.read_text())
-    missing = {"head_type", "exit_layer", "base_model", "base_config"} - set(config)
-    if missing:
-        raise UserError(f"head folder '{folder}' config.json lacks {sorted(missing)}: is it a ppsd head folder?")
-    return config | {"_folder": str(folder)}
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON ({e.msg}, line {e.lineno}): the file is damaged; "
+                        "re-export or retrain the head") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    return _checked_head_config(config, config_path) | {"_folder": str(folder)}
+
+
+def _head_weights(file: Path) -> dict:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0][:120]}): it is truncated "
+                        "or damaged; re-export or retrain the head") from None
 
 
 def check_fits(config: dict, base) -> None:
@@ -162,11 +202,25 @@ def load_head(path_or_id: str, base=None, device=None, dtype=None) -> ExitHead:
     folder = Path(config.pop("_folder"))
     if base is not None:
         check_fits(config, base)
-    head = ExitHead(**config)
+    try:
+        head = ExitHead(**config)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # e.g. a base_config transformers cannot build
+        raise UserError(f"{folder / 'config.json'}: its base_config does not describe a model transformers can "
+                        f"build ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     weights = folder / "model.safetensors"
-    if not weights.exists():
+    if not weights.is_file():
         raise UserError(f"head folder '{folder}' has no model.safetensors")
-    head.load_state_dict(load_file(weights), strict=True)
+    state = _head_weights(weights)
+    expected = head.state_dict()
+    wrong = sorted(k for k in expected.keys() | state.keys()
+                   if k not in state or k not in expected or state[k].shape != expected[k].shape)
+    if wrong:
+        k = wrong[0]
+        why = ("missing" if k not in state else "not a weight of this head" if k not in expected
+               else f"shape {tuple(state[k].shape)}, config.json implies {tuple(expected[k].shape)}")
+        raise UserError(f"{weights} does not match {folder / 'config.json'} ({len(wrong)} tensor(s), e.g. {k}: {why}): "
+                        "the two files come from different heads; re-export or retrain the head")
+    head.load_state_dict(state, strict=True)
     device = device or (base.device if base is not None else "cpu")
     dtype = dtype or (base.dtype if base is not None else None)
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)

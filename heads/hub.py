@@ -188,6 +188,8 @@ def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured:
     target = Path(local_dir).expanduser().resolve()
     if source.resolve() == target:
         raise UserError(f"local_dir '{target}' is the head folder itself: write to a new folder")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"local_dir '{target}' is a file: pass a folder path (new or empty)")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"local_dir '{target}' exists and is not empty: pick a new folder or pass overwrite=true")
     for name in HEAD_FILES:
@@ -195,18 +197,36 @@ def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured:
             raise UserError(f"head folder '{source}' has no {name}: is it a ppsd head folder?")
     if measured:
         config["metadata"] = dict(config.get("metadata") or {}) | {"measured": measured}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(config, repo_id))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"local_dir '{target}' cannot be written ({e.strerror or type(e).__name__}"
+                        f"{': ' + str(e.filename) if e.filename else ''}): pass a folder you can write") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _upload_problem(e: Exception) -> str:
+    """Why an upload failed, in words the user can act on (never the request's headers)."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "HF_HUB_OFFLINE=1 forbids uploading: unset it, or export with local_dir=<folder>"
+    if status in (401, 403):
+        return f"the Hub refused the token (HTTP {status}): set HF_TOKEN to a token with write access, or run `hf auth login`"
+    if status == 404:
+        return "no such repo or owner (HTTP 404): check repo_id=owner/name"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}{': ' + first if first else ''}: check the network and HF_TOKEN, or export with local_dir=<folder>"
 
 
 def push_head(head_path: str, repo_id: str, *, private: bool = False, token: str | None = None,
@@ -220,7 +240,10 @@ def push_head(head_path: str, repo_id: str, *, private: bool = False, token: str
     with tempfile.TemporaryDirectory(prefix="ppsd-export-") as tmp:
         folder = write_head_folder(head_path, Path(tmp) / "head", measured=measured, repo_id=repo_id)
         api = HfApi(token=token)
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                          commit_message=commit_message or f"ppsd {config['head_type']} head, exit layer {config['exit_layer']}")
+        try:
+            repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                              commit_message=commit_message or f"ppsd {config['head_type']} head, exit layer {config['exit_layer']}")
+        except Exception as e:  # noqa: BLE001: offline, refused, rate-limited: one line (the token is never in it)
+            raise UserError(f"upload to {repo_id} failed: {_upload_problem(e)}") from None
     return str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")

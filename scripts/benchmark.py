@@ -17,11 +17,12 @@ import json
 import math
 import time
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from decode import theory
-from heads.errors import UserError, exit_on_user_error
+from heads.cli import entry_point
+from heads.errors import UserError
+from heads.schema import BENCHMARK
 
 MS = 1e-3
 
@@ -407,15 +408,9 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
 
 # --- entry point -----------------------------------------------------------------------------------
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@entry_point("benchmark", BENCHMARK)
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        if cfg.mode == "theory":
-            result = run_theory(cfg)
-        elif cfg.mode in ("measure", "oracle", "all"):
-            result = run_benchmark(cfg)
-        else:
-            raise UserError(f"unknown mode '{cfg.mode}': use one of all, measure, oracle, theory")
+    result = run_theory(cfg) if cfg.mode == "theory" else run_benchmark(cfg)
     print(json.dumps(result, default=_jsonable))
 
 

@@ -9,14 +9,16 @@ one JSON object: where the head went and what the card says it measured.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from heads.errors import UserError, exit_on_user_error
+from heads.cli import entry_point
+from heads.errors import UserError
 from heads.hub import measured_from_results, push_head, write_head_folder
 from heads.head import read_head_config
+from heads.schema import EXPORT
 
 
 def read_results(path: str | None, config: dict) -> dict | None:
@@ -51,14 +53,16 @@ def export(cfg: DictConfig) -> dict:
     if cfg.local_dir:
         folder = write_head_folder(cfg.head_path, cfg.local_dir, measured=measured, overwrite=cfg.overwrite)
         return {"local_dir": str(folder)} | where
-    url = push_head(cfg.head_path, cfg.repo_id, private=cfg.private, token=cfg.token, measured=measured)
+    if cfg.token:  # it works, but other users see it in `ps` and it stays in the shell's history
+        print("warning: token= on the command line is visible to other processes and kept in shell history: "
+              "prefer HF_TOKEN or `hf auth login`", file=sys.stderr, flush=True)
+    url = push_head(cfg.head_path, cfg.repo_id, private=cfg.private, token=cfg.token or None, measured=measured)
     return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@entry_point("export", EXPORT, one_line_errors=True)
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        print(json.dumps(export(cfg)), flush=True)
+    print(json.dumps(export(cfg)), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from decode.evaluate import read_questions
-from heads.errors import UserError, exit_on_user_error
+from heads.cli import entry_point
+from heads.errors import UserError
 from heads.head import HEAD_TYPES
+from heads.schema import SWEEP
 
 METHODS = ("ppsd", "eesd")
 
@@ -66,13 +67,9 @@ def _int_list(value, name: str) -> list[int]:
 
 def base_info(model: str) -> tuple[str, int]:
     """(hub id of the base, number of decoder layers) from its config alone: no weights are loaded."""
-    from transformers import AutoConfig
+    from heads.base import model_num_layers, model_source_id, resolve_model_path
 
-    from heads.base import model_source_id, resolve_model_path
-
-    folder = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(folder)
-    return model_source_id(folder, model), int(config.num_hidden_layers)
+    return model_source_id(resolve_model_path(model), model), model_num_layers(model)
 
 
 def model_slug(model: str) -> str:
@@ -483,11 +480,10 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+@entry_point("sweep", SWEEP)
 def main(cfg: DictConfig) -> None:
     exit_on_sigterm()
-    with exit_on_user_error():
-        print(json.dumps(sweep(cfg)), flush=True)
+    print(json.dumps(sweep(cfg)), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from heads.errors import exit_on_user_error
+from heads.cli import entry_point
+from heads.schema import SWEEP_POINT
 from scripts.sweep import exit_on_sigterm, model_slug, sweep
 
 
@@ -52,11 +52,10 @@ def run_point(cfg: DictConfig) -> dict:
     return summary | {"speedup": logged.get("speedup"), "wandb_run": run.id}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep_point")
+@entry_point("sweep_point", SWEEP_POINT)
 def main(cfg: DictConfig) -> None:
     exit_on_sigterm()
-    with exit_on_user_error():
-        print(json.dumps(run_point(cfg)), flush=True)
+    print(json.dumps(run_point(cfg)), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ import atexit
 import json
 import os
 
-import hydra
 from omegaconf import DictConfig
 
-from heads import exit_on_user_error
+from heads.cli import entry_point
+from heads.schema import TRAIN
 
 
 def _destroy_process_group():
@@ -22,13 +22,12 @@ def _destroy_process_group():
 atexit.register(_destroy_process_group)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@entry_point("train", TRAIN)
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from train.loop import train
 
-    with exit_on_user_error():
-        result = train(cfg)
+    result = train(cfg)
     if result is not None:  # rank 0 only
         paths = result.get("head_paths") or [result["head_path"]]
         top1 = result["heldout_top1"] if isinstance(result["heldout_top1"], list) else [result["heldout_top1"]]

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -33,10 +34,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from heads import UserError, build_head, load_base, load_head
+from heads.base import model_num_layers, model_source_id, resolve_model_path
 from heads.hardware import check_device, check_ranks_fit_gpus, is_auto, process_threads, resolve_dtype
-from heads.head import HEAD_TYPES
+from heads.schema import TRAIN, validate
 from train import data as D
-from train.losses import LOSSES, TeacherView, distill_loss, expected_acceptance, top1_agreement
+from train.losses import TeacherView, distill_loss, expected_acceptance, top1_agreement
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -111,13 +113,108 @@ def exit_layers_of(cfg, num_layers: int) -> list[int]:
     return layers
 
 
-def check_config(cfg) -> None:
-    if cfg.head.type not in HEAD_TYPES:
-        raise UserError(f"unknown head type '{cfg.head.type}': use head=mlp or head=transformer")
-    if cfg.loss not in LOSSES:
-        raise UserError(f"unknown loss '{cfg.loss}': use loss=kl, loss=ce or loss=mix")
-    if cfg.temperature <= 0:
-        raise UserError(f"temperature={cfg.temperature} must be > 0")
+def check_out_dir(out_dir: str) -> Path:
+    """out_dir must be (or become) a writable folder; found now rather than at the first checkpoint."""
+    path = Path(out_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir={out_dir} is not a writable folder ({e.strerror or type(e).__name__}): "
+                        "pass out_dir=<a folder you can write>") from None
+    return path
+
+
+# ---------------------------------------------------------------- checkpoints: what they hold, and resume guards
+
+RUN_FILE = "run.json"          # the configuration a checkpoint belongs to
+HEADS_FILE = "heads.safetensors"  # the heads' weights, readable without pickle
+_STEP_DIR = re.compile(r"^step_\d{7}$")
+
+
+def run_identity(cfg, exit_layers: list[int], base_model: str) -> dict:
+    """What a checkpoint must share with the run that resumes it (anything else may change between them)."""
+    return {"exit_layers": list(exit_layers), "head_type": str(cfg.head.type), "mlp_hidden": int(cfg.head.mlp_hidden),
+            "base_model": base_model}
+
+
+def resume_folder(out_dir: Path, identity: dict) -> Path:
+    """The checkpoint `checkpoints/latest` names, checked to be this run's and inside its folder."""
+    root = out_dir / "checkpoints"
+    latest = root / "latest"
+    if not latest.is_file():
+        raise UserError(f"resume=true but {root} holds no checkpoint: pass out_dir=<the folder of the run to resume>")
+    name = latest.read_text().strip()
+    if not _STEP_DIR.match(name):  # never follow an absolute path or `..` out of the run's folder
+        raise UserError(f"{latest} names '{name[:80]}', not a checkpoint folder (step_NNNNNNN): the file was edited or "
+                        "damaged; write the name of a folder under checkpoints/ into it, or start a new out_dir")
+    folder = root / name
+    if not (folder / "state").is_dir():
+        raise UserError(f"{latest} names {name}, which is missing or incomplete: write the name of an existing "
+                        "checkpoint folder into it, or start a new out_dir")
+    saved_file = folder / RUN_FILE
+    if saved_file.is_file():
+        try:
+            saved = json.loads(saved_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"{saved_file} is not readable JSON: the checkpoint is damaged; start a new out_dir") from None
+        changed = [f"{k} {saved.get(k)} -> {v}" for k, v in identity.items() if saved.get(k) != v]
+        if changed:
+            raise UserError(f"resume=true but the checkpoint in {out_dir} belongs to another configuration "
+                            f"({'; '.join(changed)}): resume with its settings, or pass a new out_dir")
+    else:
+        print(f"warning: {folder} records no configuration (written by an older ppsd): resuming unchecked", flush=True)
+    check_checkpoint_pickles(folder)
+    return folder
+
+
+def _deepspeed_safe_globals() -> list:
+    """The classes a DeepSpeed checkpoint of these heads pickles besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_checkpoint_pickles(folder: Path) -> None:
+    """DeepSpeed loads its files with an unrestricted torch.load; first prove each unpickles with nothing but
+    tensors, plain containers and DeepSpeed's own state classes (torch's weights_only unpickler), so a
+    planted object that would run code on load is refused instead."""
+    for file in sorted((folder / "state").glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001: any failure means "do not hand this to a full unpickler"
+            why = next((l.strip() for l in str(e).splitlines() if "Unsupported global" in l), type(e).__name__)
+            raise UserError(f"{file} holds more than checkpoint state ({why[:160]}): it was not written by this "
+                            "trainer or is damaged; resume only checkpoints you wrote, or start a new out_dir") from None
+
+
+def check_heads_match(engine, folder: Path) -> None:
+    """After DeepSpeed's load: the heads' weights must equal the safetensors copy saved beside them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = folder / HEADS_FILE
+    if not file.is_file():
+        return  # an older checkpoint: DeepSpeed's own files are all there is
+    try:
+        saved = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} cannot be read ({str(e).splitlines()[0]}): the checkpoint is damaged; "
+                        "start a new out_dir") from None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        state = engine.module.state_dict()
+        bad = sorted(k for k in state.keys() | saved.keys()
+                     if k not in saved or k not in state or not torch.equal(saved[k].to(state[k]), state[k]))
+    if bad:
+        raise UserError(f"the checkpoint in {folder} holds heads that differ from its {HEADS_FILE} ({bad[0]}): "
+                        "it is damaged or was altered; start a new out_dir")
 
 
 # ---------------------------------------------------------------- the shared base forward
@@ -302,15 +399,24 @@ def _metrics_lines_upto(path: Path, step: int) -> None:
         _atomic_text(path, "".join(l + "\n" for l in keep))
 
 
-def save_checkpoint(engine, ckpt_root: Path, step: int, rank: int) -> None:
-    """DeepSpeed state (weights, optimizer, scheduler) into a temp folder, renamed into place when complete."""
+def save_checkpoint(engine, ckpt_root: Path, step: int, rank: int, identity: dict) -> None:
+    """DeepSpeed state (weights, optimizer, scheduler), the heads as safetensors and the run's identity into a
+    temp folder, renamed into place when complete."""
+    from safetensors.torch import save_file
+
     tmp = ckpt_root / f".tmp-step_{step:07d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     engine.save_checkpoint(str(tmp), tag="state", client_state={"step": step}, save_latest=False)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # every rank: it is a collective
+        heads = {k: v.detach().cpu().contiguous().clone() for k, v in engine.module.state_dict().items()}
     _barrier()
     if rank == 0:
+        save_file(heads, tmp / HEADS_FILE)
+        (tmp / RUN_FILE).write_text(json.dumps(identity))
         final = ckpt_root / f"step_{step:07d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -374,9 +480,13 @@ def reduce_mean(stats: torch.Tensor, world: int) -> torch.Tensor:
 
 def train(cfg) -> dict:
     t_start = time.time()
-    check_config(cfg)
-    # Bad input fails here, before the slow distributed set-up.
+    # Bad input fails here, before any weights load or the slow distributed set-up.
+    validate(cfg, TRAIN)
     device = train_device(cfg.device)
+    exit_layers = exit_layers_of(cfg, model_num_layers(cfg.model, cfg.trust_remote_code))
+    out_dir = check_out_dir(cfg.out_dir)
+    identity = run_identity(cfg, exit_layers, model_source_id(resolve_model_path(cfg.model), cfg.model))
+    resume_from = resume_folder(out_dir, identity) if cfg.resume else None
     quiet = int(os.environ.get("RANK", 0)) != 0
     cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
     cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
@@ -385,20 +495,16 @@ def train(cfg) -> dict:
     cfg.data.gen_batch_size = D.generation_batch_size(base, cfg.data)
     if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
         cfg.forward_batch_size = 64 if device.type == "cuda" else 16
-    exit_layers = exit_layers_of(cfg, base.num_layers)
     head_type = cfg.head.type
     prompts = D.load_prompts(cfg.data.prompts, split=cfg.data.prompt_split, field=cfg.data.prompt_field,
                              limit=cfg.data.max_prompts)
-    if cfg.resume and not (Path(cfg.out_dir) / "checkpoints" / "latest").exists():
-        raise UserError(f"resume=true but {Path(cfg.out_dir) / 'checkpoints'} holds no checkpoint: "
-                        "pass out_dir=<the folder of the run to resume>")
 
     import deepspeed
 
     rank, world = init_distributed(device, cfg.threads)
     main = rank == 0
     torch.manual_seed(cfg.seed)
-    out_dir = Path(_broadcast(str(Path(cfg.out_dir).resolve())))  # ranks' Hydra folders may differ by a second
+    out_dir = Path(_broadcast(str(out_dir.resolve())))  # ranks' Hydra folders may differ by a second
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / "checkpoints"
 
@@ -438,9 +544,11 @@ def train(cfg) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     step = 0
-    if cfg.resume:
-        tag_dir = ckpt_root / (ckpt_root / "latest").read_text().strip()
-        _, client = engine.load_checkpoint(str(tag_dir), tag="state")
+    if resume_from is not None:
+        # DeepSpeed reads its optimizer and scheduler state with torch.load (a pickle: README, "Resuming");
+        # the heads' weights are then checked against the safetensors copy beside them.
+        _, client = engine.load_checkpoint(str(resume_from), tag="state")
+        check_heads_match(engine, resume_from)
         step = client["step"]
     metrics_path = out_dir / "metrics.jsonl"
     if main:
@@ -501,7 +609,7 @@ def train(cfg) -> dict:
         if cfg.debug.step_sleep:
             time.sleep(cfg.debug.step_sleep)  # lets the resume test kill a run mid-way
         if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save_checkpoint(engine, ckpt_root, step, rank)
+            save_checkpoint(engine, ckpt_root, step, rank, identity)
     bar.close()
     train_seconds = time.time() - t_train
 

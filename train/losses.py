@@ -10,7 +10,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("kl", "ce", "mix")
+from heads.schema import LOSSES
 
 
 @dataclass
