@@ -280,7 +280,7 @@ TRAIN = Spec("train", {
     "data.max_prompts": integer(1, null=True),
     "data.max_prompt_tokens": integer(1),
     "data.max_new_tokens": integer(1),
-    "data.samples": integer(0),
+    "data.samples": integer(0, auto=True),
     "data.prompt_positions": flag(),
     "data.temperature": number(0, above=True),
     "data.top_p": number(0, 1, above=True),

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from heads import UserError
 from heads.base import cache_kwarg, cache_root
-from heads.hardware import is_auto
+from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
 CACHE_VERSION = 2  # 2: rows leave the batch when they end; top-p over the top k
@@ -244,6 +244,17 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, w
                 bar.update(len(chunk))
     bar.close()
     return rows
+
+
+def sampled_answers(setting, device, quiet: bool = False) -> int:
+    """`data.samples`, or auto: one sampled answer per prompt besides the greedy one where bf16 is native, none
+    on fp32-only CPUs, where generation runs at about half the speed and would double the first run's time."""
+    if not is_auto(setting):
+        return int(setting)
+    native, why = native_bf16(torch.device(device).type)
+    if not quiet:
+        print(f"data.samples=auto -> {int(native)} ({why})", flush=True)
+    return int(native)
 
 
 def generation_batch_size(base, cfg) -> int:

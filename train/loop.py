@@ -491,6 +491,7 @@ def train(cfg) -> dict:
     cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
     cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
     cfg.data.gen_dtype = resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet)
+    cfg.data.samples = D.sampled_answers(cfg.data.samples, device, quiet=quiet)
     base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     cfg.data.gen_batch_size = D.generation_batch_size(base, cfg.data)
     if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
