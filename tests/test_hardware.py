@@ -99,7 +99,7 @@ def test_training_metrics_stay_on_the_heads_device(monkeypatch):
 
 
 @pytest.mark.parametrize("entry,args", [
-    ("decode", ["device=cuda", "prompt=hi"]),
+    ("decode", ["device=cuda", "method=ar", "prompt=hi"]),
     ("train", ["device=cuda"]),
 ])
 def test_cuda_without_cuda_is_one_line_exit_2(entry, args):
