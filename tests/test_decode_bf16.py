@@ -6,8 +6,12 @@ import pytest
 
 from decode import Decoder, OracleDrafts
 from heads import build_head, load_base
+from heads.hardware import native_bf16
 
-pytestmark = pytest.mark.integration
+# Where bf16 is emulated (AVX2-only CPUs) no default decodes in bf16, and these runs would take minutes: the
+# property is checked where auto picks bf16 (CPUs with native bf16; GPUs through scripts.gpu_check).
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not native_bf16("cpu")[0], reason="bf16 is emulated on this CPU: " + native_bf16("cpu")[1])]
 
 
 def test_ppsd_is_lossless_in_bf16(tmp_path):
