@@ -52,7 +52,9 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def check_ranks_fit_gpus() -> None:
     """torchrun on CUDA: NCCL refuses two ranks on one GPU, so a node needs a GPU per local rank."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; WORLD_SIZE spans nodes, so it can't tell
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    local_world = int(local) if local else int(os.environ.get("LOCAL_RANK", "0")) + 1
     gpus = torch.cuda.device_count()
     if torch.cuda.is_available() and local_world > gpus:
         raise UserError(f"torchrun started {local_world} processes on this node but it has {gpus} GPU(s), and NCCL "

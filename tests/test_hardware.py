@@ -79,6 +79,14 @@ def test_devices_this_machine_cannot_run_are_one_line_errors(monkeypatch):
         hardware.check_ranks_fit_gpus()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     hardware.check_ranks_fit_gpus()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # the deepspeed launcher on 2 nodes of 1 GPU: 2 ranks, 1 per node
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    hardware.check_ranks_fit_gpus()
+    monkeypatch.delenv("LOCAL_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # no local count given: a local rank without a GPU of its own
+    with pytest.raises(UserError, match="one GPU per rank"):
+        hardware.check_ranks_fit_gpus()
 
 
 def test_training_metrics_stay_on_the_heads_device(monkeypatch):
