@@ -272,20 +272,17 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
     the summary into out_dir; return the summary (the JSON line the entry point prints)."""
-    from decode.decoder import METHODS, Decoder, decode_threads, resolve_base_model, resolve_device
+    from decode.decoder import Decoder, decode_threads, resolve_base_model, resolve_device
     from heads import load_base
     from heads.hardware import check_device, resolve_dtype
+    from heads.schema import DECODE, validate
 
+    validate(cfg, DECODE)  # as train() does: a caller from Python gets the command's checks too
     methods = methods_of(cfg)
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method '{m}': use one of {', '.join(METHODS)}")
-    if cfg.prompt:
+    if cfg.prompt is not None:
         questions = [{"question_id": 0, "category": "prompt", "turns": [str(cfg.prompt)]}]
-    elif cfg.prompts:
-        questions = read_questions(cfg.prompts, cfg.limit)
     else:
-        raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
+        questions = read_questions(cfg.prompts, cfg.limit)
     device = str(check_device(resolve_device(cfg.device)))
     cfg.dtype = resolve_dtype(cfg.dtype, device)
     base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,

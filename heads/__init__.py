@@ -1,7 +1,7 @@
 """The model side shared by train/ and decode/: the base-model runtime and the exit heads."""
 
 from heads.base import Base, LayerRange, load_base, resolve_model_path
-from heads.errors import UserError, exit_on_user_error
+from heads.errors import UserError
 from heads.head import ExitHead, build_head, load_head
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "load_base",
     "resolve_model_path",
     "UserError",
-    "exit_on_user_error",
     "ExitHead",
     "build_head",
     "load_head",
