@@ -45,6 +45,11 @@ def cache_kwarg(fn) -> str:
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to anything but a false value: nothing may be fetched from or sent to the Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PPSD_CACHE", Path.home() / ".cache" / "ppsd"))
 
@@ -103,7 +108,7 @@ def resolve_model_path(name_or_path: str) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"],
         ))
     except (LocalEntryNotFoundError, OSError) as e:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        if hub_offline():
             raise UserError(f"model '{name_or_path}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
                             "forbids downloading it: pass a local folder, or download it first") from None
         raise UserError(f"model '{name_or_path}' could not be fetched ({type(e).__name__}): check the id and network") from None

@@ -14,18 +14,16 @@ the head folder, which keeps heads small (config.json + model.safetensors + READ
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from heads.base import cache_kwarg
+from heads.base import cache_kwarg, hub_offline
 from heads.errors import UserError
 from heads.schema import HEAD_TYPES
 
@@ -128,8 +126,7 @@ def _head_folder(path_or_id: str) -> Path:
     try:
         return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.md"]))
     except Exception as e:  # offline, missing repo, bad id: all one answer for the user
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else type(e).__name__
+        hint = "HF_HUB_OFFLINE=1 forbids downloading it" if hub_offline() else type(e).__name__
         raise UserError(f"head '{path_or_id}' is not a local folder and could not be fetched ({hint})") from None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from heads.base import hub_offline
 from heads.errors import UserError
 from heads.head import read_head_config
 
@@ -219,7 +220,7 @@ def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured:
 def _upload_problem(e: Exception) -> str:
     """Why an upload failed, in words the user can act on (never the request's headers)."""
     status = getattr(getattr(e, "response", None), "status_code", None)
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return "HF_HUB_OFFLINE=1 forbids uploading: unset it, or export with local_dir=<folder>"
     if status in (401, 403):
         return f"the Hub refused the token (HTTP {status}): set HF_TOKEN to a token with write access, or run `hf auth login`"

@@ -17,7 +17,7 @@ import json
 import math
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from decode import theory
 from heads.cli import entry_point
