@@ -22,31 +22,7 @@ import torch
 from decode import theory
 from decode.common import Generation
 from heads.base import parse_dtype
-from heads.errors import UserError
-
-
-def read_questions(path: str, limit: int | None = None) -> list[dict]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"prompts file '{path}' does not exist: pass a Spec-Bench-format JSONL (question_id, category, turns)")
-    questions = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number} is not valid JSON") from None
-        turns = q.get("turns") if isinstance(q, dict) else None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise UserError(f"{path}:{number} needs 'turns': a non-empty list of strings (Spec-Bench format)")
-        questions.append({"question_id": q.get("question_id", number), "category": q.get("category", "default"),
-                          "turns": turns})
-        if limit is not None and len(questions) >= limit:
-            break
-    if not questions:
-        raise UserError(f"prompts file '{path}' holds no questions")
-    return questions
+from heads.files import read_prompts
 
 
 def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
@@ -282,7 +258,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     if cfg.prompt is not None:
         questions = [{"question_id": 0, "category": "prompt", "turns": [str(cfg.prompt)]}]
     else:
-        questions = read_questions(cfg.prompts, cfg.limit)
+        questions = read_prompts(cfg.prompts, cfg.limit)
     device = str(check_device(resolve_device(cfg.device)))
     cfg.dtype = resolve_dtype(cfg.dtype, device)
     base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,

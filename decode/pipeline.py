@@ -27,7 +27,6 @@ import datetime
 import os
 import queue
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from decode.common import positions, verify, make_generator
 from decode import theory
 from heads.base import parse_dtype
+from heads.hardware import free_port
 from heads.errors import UserError
 
 # message kinds
@@ -450,12 +450,6 @@ def _join_spawned(store, processes: list, timeout_s: float) -> None:
         time.sleep(0.02)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- rank 0's inbox: everything the last stage sends back ----------------------------------------
 
 class Inbox:
@@ -554,7 +548,7 @@ class Pipeline:
             if dist.is_initialized():
                 raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
                                 "launch with torchrun instead, or from a plain process")
-            port = _free_port()
+            port = free_port()
             timeout = datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s))
             store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
             ctx = mp.get_context("spawn")

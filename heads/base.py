@@ -14,8 +14,6 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from heads import batch_invariant
 from heads.errors import UserError
+from heads.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2"
 
@@ -76,15 +75,10 @@ def _embedded_folder(name: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "ppsd_source.json").write_text(json.dumps({"hub_id": EMBEDDED_MODELS[name][2], "gguf": gguf_file}))
-    try:
-        os.replace(tmp, target)  # atomic: a concurrent process either sees nothing or the whole folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    with atomic_folder(target, overwrite=False) as tmp:  # a concurrent process sees nothing or the whole folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ppsd_source.json").write_text(json.dumps({"hub_id": EMBEDDED_MODELS[name][2], "gguf": gguf_file}))
     return target
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,3 +178,10 @@ def process_threads(value, processes: int = 1) -> int:
             raise UserError(f"threads={value} must be >= 1 (or auto)")
         return n
     return max(1, cores() // max(1, processes))
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -21,6 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from heads.base import hub_offline
 from heads.errors import UserError
+from heads.files import atomic_folder
 from heads.head import read_head_config
 
 HEAD_FILES = ("config.json", "model.safetensors")
@@ -198,22 +199,14 @@ def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured:
             raise UserError(f"head folder '{source}' has no {name}: is it a ppsd head folder?")
     if measured:
         config["metadata"] = dict(config.get("metadata") or {}) | {"measured": measured}
-    tmp = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(config, repo_id))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (tmp / "README.md").write_text(model_card(config, repo_id))
     except OSError as e:
         raise UserError(f"local_dir '{target}' cannot be written ({e.strerror or type(e).__name__}"
                         f"{': ' + str(e.filename) if e.filename else ''}): pass a folder you can write") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

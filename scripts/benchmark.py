@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from decode import theory
 from heads.cli import entry_point
 from heads.errors import UserError
+from heads.files import read_prompts
 from heads.schema import BENCHMARK
 
 MS = 1e-3
@@ -63,10 +64,8 @@ def run_theory(cfg: DictConfig) -> dict:
 
 def load_prompts(path: str, count: int) -> list[str]:
     """The first turn of `count` prompts, taken round-robin over the categories (file order within each)."""
-    from decode.evaluate import read_questions
-
     by_category: dict[str, list[str]] = {}
-    for q in read_questions(path):
+    for q in read_prompts(path):
         by_category.setdefault(q["category"], []).append(q["turns"][0])
     columns = list(by_category.values())
     prompts = [column[i] for i in range(max(map(len, columns), default=0)) for column in columns if i < len(column)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -34,9 +35,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from decode.evaluate import read_questions
 from heads.cli import entry_point
 from heads.errors import UserError
+from heads.files import atomic_write_json, atomic_write_text, read_prompts
 from heads.head import HEAD_TYPES
 from heads.schema import SWEEP
 
@@ -156,19 +157,11 @@ def open_sweep_folder(out: Path, manifest: dict) -> dict:
                             f"with the same settings to resume, or pass a new out_dir=")
         manifest = old | {k: v for k, v in manifest.items() if k not in PINNED}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(path, manifest)
+    atomic_write_json(path, manifest)
     return manifest
 
 
 # --- files --------------------------------------------------------------------------------------
-
-def write_json(path: Path, data) -> None:
-    """Atomic: a killed sweep leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
 
 def read_json(path: Path):
     try:
@@ -258,7 +251,7 @@ def trained_heads(out: Path, cfg: DictConfig, candidates: list[Candidate], progr
             result = run_entry_point(command, out / "logs" / f"train-{head}.log")
             for record in train_records(result, head):
                 if record["exit_layer"] in missing:
-                    write_json(out / "trained" / f"{head}-L{record['exit_layer']:02d}.json", record)
+                    atomic_write_json(out / "trained" / f"{head}-L{record['exit_layer']:02d}.json", record)
                     records[head, record["exit_layer"]] = record
             lost = [layer for layer in missing if (head, layer) not in records]
             if lost:
@@ -326,7 +319,7 @@ def evaluate(out: Path, cfg: DictConfig, candidates: list[Candidate], heads: dic
                     raise UserError(f"decode reported exit layer {result.get('exit_layer')} for candidate {candidate.key}")
                 row = candidate_row(candidate, heads[candidate.head, candidate.exit_layer], result,
                                     num_layers, time.monotonic() - started[0])
-                write_json(out / "candidates" / f"{candidate.key}.json", row)
+                atomic_write_json(out / "candidates" / f"{candidate.key}.json", row)
                 started[0] = time.monotonic()
                 progress.update(1)
                 if queue:
@@ -436,7 +429,7 @@ def finish(out: Path, manifest: dict, candidates: list[Candidate]) -> dict:
     from scripts.report import noise_warnings
 
     results["warnings"] = noise_warnings(rows)
-    write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
     write_report(out, results)
     return results
@@ -449,18 +442,17 @@ CSV_COLUMNS = ("key", "head", "exit_layer", "stages", "gamma", "acceptance_rate"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def sweep(cfg: DictConfig) -> dict:
     if not cfg.prompts:
         raise UserError("no prompt set: pass prompts=<Spec-Bench-format JSONL>")
-    read_questions(cfg.prompts)  # the decoder's own reader: one-line errors for a missing, empty or malformed file
+    read_prompts(cfg.prompts)  # the decoder's own reader: one-line errors for a missing, empty or malformed file
     base_model, num_layers = base_info(str(cfg.model))
     candidates = plan(cfg, num_layers)
     out = Path(cfg.out_dir or Path("sweeps") / model_slug(str(cfg.model))).expanduser()

@@ -7,7 +7,7 @@ drafts at alpha = 0.9 (long accepted runs in flight: the high-acceptance regime,
 import pytest
 
 from decode import Decoder, OracleDrafts
-from decode.evaluate import read_questions
+from heads.files import read_prompts
 from heads import build_head
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ def setup(smollm2, spec_bench_path, tmp_path_factory):
     for name, exit_layer in (("deep", 28), ("untrained", 8)):
         build_head(smollm2, "mlp", exit_layer).save_pretrained(folder / name)
         heads[name] = str(folder / name)
-    questions = read_questions(spec_bench_path)
+    questions = read_prompts(spec_bench_path)
     picks = [questions[i] for i in (0, 200)]  # an MT-bench writing question, a Spec-Bench task
     prompts = [smollm2.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in picks]
     ar = Decoder("ar", base=smollm2, threads=1)  # a shared CI box: oversubscribed threads only slow it down

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import DynamicCache
 
 from heads import UserError
 from heads.base import cache_kwarg, cache_root
+from heads.files import atomic_folder, atomic_write_text, read_prompts
 from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
@@ -81,17 +81,8 @@ def load_prompts(source: str, *, split: str = "train", field: str = "turns", lim
         source = str(DEFAULT_PROMPTS)
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"prompt file '{path}' does not exist: pass data.prompts=FILE.jsonl")
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"prompt file '{path}' line {n} is not valid JSON ({e.msg}): one object per line") from None
-            rows.append(_check_prompt(row, f"prompt file '{path}' line {n}"))
+        rows = [{"id": str(q["question_id"]), "category": str(q["category"]), "turns": q["turns"]}
+                for q in read_prompts(path)]
     else:
         rows = _dataset_prompts(source, split, field)
     if not rows:
@@ -275,17 +266,6 @@ def generation_batch_size(base, cfg) -> int:
     return max(1, min(512, int(0.5 * free) // bytes_per_row))
 
 
-def _atomic_write_dir(target: Path, files: dict[str, str]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    for name, text in files.items():
-        (tmp / name).write_text(text)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process wrote the same cache entry first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _gen_settings(cfg) -> dict:
     return {"max_new_tokens": int(cfg.max_new_tokens), "max_prompt_tokens": int(cfg.max_prompt_tokens),
             "samples": int(cfg.samples), "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
@@ -304,17 +284,16 @@ def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | No
         parts = folder.parent / f".parts-{key}"
         parts.mkdir(parents=True, exist_ok=True)
         part = parts / f"rank{rank}.jsonl"
-        tmp = part.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, part)
+        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
         barrier()
         if rank == 0:
             order = {p["id"]: i for i, p in enumerate(prompts)}
             merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
             merged.sort(key=lambda r: (order[r["id"]], r["turn"], r["sampled"], r["sample"]))
             meta = {"model": base.name, "prompts": len(prompts), "responses": len(merged), "gen": gen}
-            _atomic_write_dir(folder, {"responses.jsonl": "".join(json.dumps(r) + "\n" for r in merged),
-                                       "meta.json": json.dumps(meta, indent=2)})
+            with atomic_folder(folder, overwrite=False) as tmp:  # another process may have written it first
+                (tmp / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in merged))
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             shutil.rmtree(parts, ignore_errors=True)
         barrier()
     rows = [json.loads(line) for line in done.read_text().splitlines()]

@@ -21,8 +21,6 @@ import os
 import random
 import re
 import shutil
-import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,19 +33,14 @@ from tqdm.auto import tqdm
 
 from heads import UserError, build_head, load_base, load_head
 from heads.base import model_num_layers, model_source_id, resolve_model_path
-from heads.hardware import check_device, check_ranks_fit_gpus, is_auto, process_threads, resolve_dtype
+from heads.hardware import check_device, check_ranks_fit_gpus, free_port, is_auto, process_threads, resolve_dtype
+from heads.files import atomic_folder, atomic_write_text
 from heads.schema import TRAIN, validate
 from train import data as D
 from train.losses import TeacherView, distill_loss, expected_acceptance, top1_agreement
 
 
 # ---------------------------------------------------------------- distributed set-up
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_device(setting) -> torch.device:
@@ -70,7 +63,7 @@ def init_distributed(device: torch.device, threads=None):
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -386,17 +379,11 @@ def _wandb_run(cfg, out_dir: Path, resolved: dict):
                       dir=str(out_dir), config=resolved, id=run_id, resume="allow")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _metrics_lines_upto(path: Path, step: int) -> None:
     """After a resume, drop the log lines of steps the checkpoint does not contain (they will be redone)."""
     if path.exists():
         keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-        _atomic_text(path, "".join(l + "\n" for l in keep))
+        atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def save_checkpoint(engine, ckpt_root: Path, step: int, rank: int, identity: dict) -> None:
@@ -420,19 +407,11 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank: int, identity: dic
         final = ckpt_root / f"step_{step:07d}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _atomic_text(ckpt_root / "latest", final.name)
+        atomic_write_text(ckpt_root / "latest", final.name)
         for old in ckpt_root.glob("step_*"):
             if old.name != final.name:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
-
-
-def save_head_folder(head, folder: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
-    head.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -643,7 +622,8 @@ def train(cfg) -> dict:
             head.metadata = metadata
             head._hub_mixin_config["metadata"] = metadata  # what save_pretrained writes to config.json
             folder = out_dir / f"head_L{e}_{head_type}"
-            save_head_folder(head, folder)
+            with atomic_folder(folder) as tmp:
+                head.save_pretrained(tmp)
             per_head.append({"exit_layer": e, "head_path": str(folder), "heldout_top1": metrics.get("top1"),
                              "heldout_expected_acceptance": metrics.get("expected_acceptance"),
                              "heldout_top1_untrained": (untrained or {}).get(name, {}).get("top1")})
@@ -664,7 +644,7 @@ def train(cfg) -> dict:
                       "heldout_top1": [h["heldout_top1"] for h in per_head],
                       "heldout_expected_acceptance": [h["heldout_expected_acceptance"] for h in per_head],
                       "heads": per_head} | result
-        _atomic_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
         if run:
             run.summary.update({f"heldout/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
             for h in per_head:
