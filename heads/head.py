@@ -45,7 +45,6 @@ class ExitHead(
     PyTorchModelHubMixin,
     library_name="ppsd",
     tags=["ppsd", "early-exit", "self-speculative-decoding"],
-    repo_url="https://github.com/ppsd/ppsd",
 ):
     """An exit head; its constructor arguments are its config.json."""
 

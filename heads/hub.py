@@ -154,7 +154,7 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
 
     lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`", "",
              "An early-exit draft head for lossless self-speculative decoding with "
-             "[ppsd](https://github.com/ppsd/ppsd) (Pipeline-Parallel Self-Speculative Decoding, arXiv 2509.19368). "
+             "ppsd, a Python toolkit for Pipeline-Parallel Self-Speculative Decoding ([arXiv 2509.19368](https://arxiv.org/abs/2509.19368)). "
              "It predicts the base model's next token from an intermediate layer; the decoders check every draft "
              "against the full model, so outputs are token-for-token identical to plain decoding.", "",
              "| | |", "|---|---|"]
