@@ -85,7 +85,7 @@ class Decoder:
                  head=None, stages: int = 2, stage_layers=None, gamma: int = 4, dtype: str = "float32",
                  threads: int | None = None, stage_threads: int = 1, window: int | None = None,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, device: str = "cpu",
-                 exit_layer: int | None = None, batch_invariant: bool | None = None):
+                 exit_layer: int | None = None, batch_invariant: bool | None = None, compile: bool = False):
         if method not in METHODS:
             raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
         self.method, self.gamma, self.window = method, gamma, window
@@ -104,6 +104,8 @@ class Decoder:
                              batch_invariant=bool(batch_invariant))
         elif batch_invariant is not None and batch_invariant != base.batch_invariant:
             base.set_batch_invariant(batch_invariant)  # a shared base: every method on it computes the same way
+        if compile != base.runtime.compile:  # a shared base keeps its caches and captured graphs
+            base.set_runtime(static=compile, compile=compile)
         self.base = base
         if method != "ar" and head is None:
             head = load_head(head_path, base)

@@ -14,16 +14,16 @@ import importlib.util
 import inspect
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from heads import batch_invariant
 from heads.errors import UserError
 from heads.files import atomic_folder
+from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
 
 DEFAULT_MODEL = "smollm2"
 
@@ -237,11 +237,51 @@ class Base:
         self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
         self.batch_invariant = False
         self.layers = list(self.decoder.layers)  # slicing the ModuleList would build a new module per call
+        self.layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
+        self.runtime = RuntimeSettings()
+        self._static_caches: dict[tuple[int, int], StaticKV] = {}
+
+    def set_runtime(self, *, static: bool, compile: bool = False, compile_mode: str | None = "auto") -> str:
+        """Run layer ranges on static caches (and compiled steps), or eager; returns a line saying which.
+        Batch-invariant kernels and sliding-window models stay eager. compile_mode auto: CUDA graphs
+        ("reduce-overhead") on a GPU, inductor's default on a CPU."""
+        if compile_mode == "auto":
+            compile_mode = "reduce-overhead" if self.device.type == "cuda" else None
+        ok, why = supports_static(self.config)
+        if (static or compile) and not ok:
+            static = compile = False
+            note = f"eager ({why}: static caches are not supported)"
+        elif (static or compile) and self.batch_invariant:
+            static = compile = False
+            note = "eager (batch-invariant kernels run on the eager path)"
+        else:
+            static = static or compile
+            note = ""
+        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode)
+        self._static_caches.clear()
+        self.__dict__.pop("compiled_run_layers", None)
+        return note or self.runtime.describe()
+
+    def static_cache(self, start: int, end: int, max_len: int) -> StaticKV:
+        """The static cache of layer range [start, end), holding at least `max_len` positions (made once)."""
+        cache = self._static_caches.get((start, end))
+        if cache is None or cache.max_len < max_len:
+            cache = self._static_caches[(start, end)] = StaticKV(self.num_layers, max_len)
+        return cache
+
+    @functools.cached_property
+    def compiled_run_layers(self):
+        # Guards on the layers' weights would be re-checked on every call (most of a step's host time); the
+        # weights never change under a base, so only the arguments are guarded.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(self.run_layers, mode=self.runtime.compile_mode, dynamic=False, options=options)
 
     def set_batch_invariant(self, on: bool) -> None:
         """Decode-time kernels that give a position the same bits however many positions share the call."""
         batch_invariant.apply(self.model, on)
         self.batch_invariant = on
+        if on and self.runtime.static:  # compiled graphs hold the plain kernels: back to eager
+            self.set_runtime(static=False)
 
     @property
     def device(self) -> torch.device:
@@ -261,6 +301,8 @@ class Base:
         """The masks a layer range needs, keyed by attention type (full / sliding window)."""
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                       position_ids=position_ids, layer_idx=layer_idx)
+        if isinstance(cache, StaticKV):
+            return {"full_attention": static_mask(position_ids, cache.max_len)}
         kwargs[cache_kwarg(create_causal_mask)] = cache
         masks = {"full_attention": None if self._no_mask_needed(hidden, attention_mask) else create_causal_mask(**kwargs)}
         if getattr(self.config, "sliding_window", None) and "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
@@ -278,7 +320,7 @@ class Base:
         masks = self.attention_masks(hidden, position_ids, cache, attention_mask, layer_idx=start)
         kwargs = dict(position_embeddings=self.position_embeddings(hidden, position_ids), position_ids=position_ids,
                       use_cache=cache is not None)
-        kwargs[cache_kwarg(type(self.layers[start]).forward)] = cache
+        kwargs[self.layer_cache_kwarg] = cache
         for layer in self.layers[start:end]:
             hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")], **kwargs)
         return hidden
@@ -315,36 +357,3 @@ class Base:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
-
-
-def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Roll every initialised layer of a cache back to `length` positions (a flush drops the tail)."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            extra = layer.get_seq_length() - length
-            if extra > 0:
-                layer.crop(-extra)
-
-
-@dataclass
-class LayerRange:
-    """Layers [start, end) of a base with their own KV cache: the unit every stage and decoder runs."""
-
-    base: Base
-    start: int
-    end: int
-    cache: DynamicCache = field(default_factory=DynamicCache)
-
-    @property
-    def length(self) -> int:
-        """Positions held in this range's cache."""
-        return self.cache.get_seq_length(self.start) if len(self.cache.layers) > self.start else 0
-
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
-
-    def crop(self, length: int) -> None:
-        crop_cache(self.cache, length)
-
-    def reset(self) -> None:
-        self.cache = DynamicCache()

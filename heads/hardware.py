@@ -130,6 +130,19 @@ def resolve_dtype(value, device: str | torch.device = "cpu", *, name: str = "dty
     return chosen
 
 
+def resolve_compile(value, device: str | torch.device = "cpu", *, quiet: bool = False) -> bool:
+    """`compile`: run decode steps as captured graphs on static caches (heads/runtime.py). auto: on for CUDA,
+    where a step is otherwise bound by per-call host work; off on a CPU, where inductor's capture takes
+    minutes for a modest gain per step (see the runtime benchmark: python -m scripts.overhead)."""
+    if not is_auto(value):
+        return bool(value)
+    on = torch.device(device).type == "cuda"
+    if not quiet:
+        why = "CUDA graphs remove per-call host overhead" if on else "a CPU: capture costs more than it saves per run"
+        print(f"compile=auto -> {str(on).lower()} ({why})", flush=True)
+    return on
+
+
 # ---------------------------------------------------------------- threads
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heads import UserError, build_head, load_base, load_head
-from heads.base import crop_cache
+
 
 
 def _ids(base, n=12, seed=0):
@@ -63,7 +63,7 @@ def test_crop_rolls_back_to_a_position(tiny_base):
         h = r.forward(tiny_base.embed(ids[:, 6:]), pos[:, 6:])
         ref = tiny_base.model(ids).logits
     assert torch.allclose(tiny_base.logits(h), ref[:, 6:], atol=1e-4)
-    crop_cache(r.cache, 20)  # cropping to a longer length is a no-op
+    r.crop(20)  # cropping to a longer length is a no-op
     assert r.length == 10
 
 

@@ -1,0 +1,149 @@
+"""The stage runtime every decoder runs on: a range of decoder layers with its own KV cache.
+
+Two ways to run a range, with the same layers (transformers' own modules) and the same tokens:
+- eager: a `DynamicCache` that grows per call and is cropped on a rollback;
+- static: a preallocated cache (transformers' `StaticLayer`s), a rollback only moves a length, and the
+  attention mask follows that length; with `compile`, each fixed-shape step (1 position, or k ≤ 16
+  verified positions) is one `torch.compile`d graph (inductor on a CPU; CUDA graphs on a GPU), captured
+  once per process. Prefill (many positions) always runs eager, on the same static cache.
+
+The static cache of a layer range belongs to the `Base` and is reused by every `LayerRange` made for it, so
+a compiled graph sees the same buffers from one prompt to the next (a new buffer would mean a new capture).
+One `LayerRange` per (start, end) is live at a time: making a new one resets the shared cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, StaticLayer
+
+# Steps of at most this many positions run compiled; longer ones (prefill) run eager.
+MAX_COMPILED_POSITIONS = 16
+MIN_CACHE_LEN = 256
+
+
+def cache_len_for(length: int) -> int:
+    """Cache capacity for `length` positions: the next power of two (so a longer prompt rarely recaptures)."""
+    return max(MIN_CACHE_LEN, 1 << max(0, length - 1).bit_length())
+
+
+@dataclass
+class RuntimeSettings:
+    """How a base's layer ranges run: `static` caches, `compile`d steps (implies static)."""
+
+    static: bool = False
+    compile: bool = False
+    compile_mode: str | None = None           # torch.compile mode (None: inductor's default)
+    capture_s: float = 0.0                    # time spent compiling/capturing so far
+    captured: set = field(default_factory=set)
+
+    def describe(self) -> str:
+        return "compiled static" if self.compile else "static" if self.static else "eager"
+
+
+def supports_static(config) -> tuple[bool, str]:
+    """Whether this base can run on static caches: every attention layer must be full attention (a sliding
+    window cache is a ring buffer a rollback cannot move back)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
+        return False, f"{config.model_type} uses sliding-window attention"
+    if any(t not in ("full_attention",) for t in layer_types):
+        return False, f"{config.model_type} has layer types {sorted(set(layer_types))}"
+    return True, ""
+
+
+class StaticKV(Cache):
+    """transformers' static layers for a base's N layers + one slot for a transformer exit head, allocated
+    on first use with the batch, heads, dtype and device of what is written."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        super().__init__(layers=[StaticLayer(max_cache_len=max_len) for _ in range(num_layers + 1)])
+        self.max_len = max_len
+
+    def set_length(self, length: int, layers: range) -> None:
+        """Positions [0, length) are valid in `layers` (and the head slot): a rollback, or a reset to 0."""
+        for i in [*layers, len(self.layers) - 1]:
+            layer = self.layers[i]
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)  # in place: a compiled graph holds this tensor's address
+
+
+def static_mask(position_ids: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, 1, T, max_len) bool: query at position p sees cache slots [0, p]; slots past the length are stale."""
+    slots = torch.arange(max_len, device=position_ids.device)
+    return slots[None, None, None, :] <= position_ids[:, None, :, None]
+
+
+class LayerRange:
+    """Layers [start, end) of a base with their own KV cache: the unit every stage and decoder runs."""
+
+    def __init__(self, base, start: int, end: int):
+        self.base, self.start, self.end = base, start, end
+        self.runtime: RuntimeSettings = base.runtime
+        self.length = 0  # positions held in this range's cache
+        self.cache = base.static_cache(start, end, MIN_CACHE_LEN) if self.runtime.static else DynamicCache()
+        if self.runtime.static:
+            self.cache.set_length(0, range(start, end))
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
+        count = hidden.shape[1]
+        if not self.runtime.static:
+            out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+        else:
+            if self.length + count > self.cache.max_len:
+                self._grow(self.length + count)
+            if self.runtime.compile and count <= MAX_COMPILED_POSITIONS:
+                out = self._compiled(hidden, position_ids, count)
+            else:
+                out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+        self.length += count
+        return out
+
+    def _compiled(self, hidden, position_ids, count: int) -> torch.Tensor:
+        key = (self.start, self.end, count, self.cache.max_len)
+        step = self.base.compiled_run_layers
+        if key in self.runtime.captured:
+            return step(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+        begin = time.perf_counter()  # the first call of a shape compiles (and on CUDA, records a graph)
+        out = step(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+        if hidden.device.type == "cuda":
+            torch.cuda.synchronize(hidden.device)
+        self.runtime.capture_s += time.perf_counter() - begin
+        self.runtime.captured.add(key)
+        return out
+
+    def _grow(self, length: int) -> None:
+        """A longer sequence than the cache holds: a bigger cache (and new captures), the valid part copied."""
+        old = self.cache
+        self.cache = self.base.static_cache(self.start, self.end, cache_len_for(length))
+        self.cache.set_length(0, range(self.start, self.end))
+        for i in [*range(self.start, self.end), len(old.layers) - 1]:
+            src, dst = old.layers[i], self.cache.layers[i]
+            if src.is_initialized:
+                dst.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])
+                dst.keys[:, :, :self.length] = src.keys[:, :, :self.length]
+                dst.values[:, :, :self.length] = src.values[:, :, :self.length]
+                dst.cumulative_length.fill_(self.length)
+
+    def crop(self, length: int) -> None:
+        """Roll back to `length` positions (a rejected draft, a flush)."""
+        if length >= self.length:
+            return
+        if self.runtime.static:
+            self.cache.set_length(length, range(self.start, self.end))
+        else:
+            for layer in self.cache.layers:
+                if getattr(layer, "is_initialized", False):
+                    extra = layer.get_seq_length() - length
+                    if extra > 0:
+                        layer.crop(-extra)
+        self.length = length
+
+    def reset(self) -> None:
+        self.crop(0) if self.runtime.static else setattr(self, "cache", DynamicCache())
+        self.length = 0

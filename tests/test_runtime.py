@@ -1,0 +1,68 @@
+"""The stage runtime (heads/runtime.py): static caches and compiled steps give the eager path's tokens."""
+
+import pytest
+import torch
+
+from decode.ar import ar_decode
+from decode.common import positions, run_to_end
+from decode.eesd import eesd_decode
+from heads import build_head, load_base
+
+
+@pytest.fixture
+def static_base(tiny_model_dir):
+    base = load_base(tiny_model_dir)
+    assert base.set_runtime(static=True) == "static"
+    return base
+
+
+def test_static_cache_rollback_moves_a_length(static_base, tiny_model_dir):
+    base, eager = static_base, load_base(tiny_model_dir)
+    ids = torch.randint(0, base.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    wrong = torch.randint(0, base.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        r = base.range(0, base.num_layers)
+        keys = r.cache.layers[0]
+        r.forward(base.embed(ids[:, :6]), positions(0, 6, "cpu"))
+        buffer = keys.keys.data_ptr()
+        r.forward(base.embed(wrong[:, 6:]), positions(6, 6, "cpu"))  # a wrong continuation, then roll it back
+        r.crop(6)
+        assert r.length == 6 and int(keys.cumulative_length) == 6
+        out = torch.cat([r.forward(base.embed(ids[:, i:i + 1]), positions(i, 1, "cpu")) for i in range(6, 12)], 1)
+        assert keys.keys.data_ptr() == buffer  # nothing reallocated
+        ref = eager.model(ids).logits[:, 6:]
+    assert torch.allclose(base.logits(out), ref, atol=1e-4)
+
+
+def test_static_cache_grows_past_its_first_capacity(static_base):
+    base = static_base
+    r = base.range(0, base.num_layers)
+    first = r.cache.max_len
+    with torch.no_grad():
+        r.forward(base.embed(torch.zeros(1, first - 1, dtype=torch.long)), positions(0, first - 1, "cpu"))
+        r.forward(base.embed(torch.zeros(1, 3, dtype=torch.long)), positions(first - 1, 3, "cpu"))
+    assert r.cache.max_len > first and r.length == first + 2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static", "compiled"])
+def test_runtime_tokens_equal_eager(tiny_model_dir, compiled):
+    eager = load_base(tiny_model_dir)
+    fast = load_base(tiny_model_dir)
+    assert fast.set_runtime(static=True, compile=compiled) == ("compiled static" if compiled else "static")
+    head = build_head(eager, "transformer", 1)
+    torch.nn.init.normal_(head.layer.mlp.down_proj.weight, std=0.02)  # a head that sometimes agrees, sometimes not
+    prompt = list(range(5, 25))
+    want = run_to_end(ar_decode(eager, prompt, 24)).tokens
+    assert run_to_end(ar_decode(fast, prompt, 24)).tokens == want
+    gen = run_to_end(eesd_decode(fast, head, prompt, 24, gamma=2))
+    assert gen.tokens == want and gen.drafts_verified > 0
+    if compiled:
+        assert fast.runtime.capture_s > 0 and len(fast.runtime.captured) >= 2  # 1-position and verify steps
+
+
+def test_batch_invariant_kernels_run_eager(tiny_model_dir):
+    base = load_base(tiny_model_dir)
+    base.set_runtime(static=True, compile=True)
+    base.set_batch_invariant(True)
+    assert not base.runtime.static
+    assert "eager" in base.set_runtime(static=True)
