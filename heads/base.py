@@ -23,7 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from heads import batch_invariant
 from heads.errors import UserError
 from heads.files import atomic_folder
-from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
+from heads.runtime import LayerRange, RuntimeSettings, StaticKV, compile_step, static_mask, supports_static
 
 DEFAULT_MODEL = "smollm2"
 
@@ -260,21 +260,31 @@ class Base:
         self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode)
         self._static_caches.clear()
         self.__dict__.pop("compiled_run_layers", None)
+        self.__dict__.pop("compiled_next_token_logits", None)
         return note or self.runtime.describe()
 
-    def static_cache(self, start: int, end: int, max_len: int) -> StaticKV:
-        """The static cache of layer range [start, end), holding at least `max_len` positions (made once)."""
-        cache = self._static_caches.get((start, end))
+    def static_cache(self, start: int, end: int, max_len: int, *, rows: int = 1) -> StaticKV:
+        """The static cache of layer range [start, end) for `rows` sequences, holding at least `max_len`
+        positions: made once and reused (a new buffer would mean a new capture), emptied here."""
+        cache = self._static_caches.get((start, end, rows))
         if cache is None or cache.max_len < max_len:
-            cache = self._static_caches[(start, end)] = StaticKV(self.num_layers, max_len)
+            cache = self._static_caches[(start, end, rows)] = StaticKV(self.num_layers, max_len)
+        cache.set_length(0, range(start, end))
         return cache
+
+    def next_token_logits(self, token_ids, position_ids, cache, attention_mask=None) -> torch.Tensor:
+        """Every layer on (B, T) tokens, then the LM head on the last position: (B, vocab)."""
+        hidden = self.run_layers(self.embed(token_ids), 0, self.num_layers, position_ids=position_ids, cache=cache,
+                                 attention_mask=attention_mask)
+        return self.logits(hidden[:, -1])
+
+    @functools.cached_property
+    def compiled_next_token_logits(self):
+        return compile_step(self.next_token_logits, self.runtime.compile_mode)
 
     @functools.cached_property
     def compiled_run_layers(self):
-        # Guards on the layers' weights would be re-checked on every call (most of a step's host time); the
-        # weights never change under a base, so only the arguments are guarded.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        return torch.compile(self.run_layers, mode=self.runtime.compile_mode, dynamic=False, options=options)
+        return compile_step(self.run_layers, self.runtime.compile_mode)
 
     def set_batch_invariant(self, on: bool) -> None:
         """Decode-time kernels that give a position the same bits however many positions share the call."""
@@ -301,8 +311,8 @@ class Base:
         """The masks a layer range needs, keyed by attention type (full / sliding window)."""
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                       position_ids=position_ids, layer_idx=layer_idx)
-        if isinstance(cache, StaticKV):
-            return {"full_attention": static_mask(position_ids, cache.max_len)}
+        if isinstance(cache, StaticKV):  # a caller's own (B, 1, T, max_len) mask, e.g. for left-padded rows
+            return {"full_attention": attention_mask if attention_mask is not None else static_mask(position_ids, cache.max_len)}
         kwargs[cache_kwarg(create_causal_mask)] = cache
         masks = {"full_attention": None if self._no_mask_needed(hidden, attention_mask) else create_causal_mask(**kwargs)}
         if getattr(self.config, "sliding_window", None) and "sliding_attention" in (getattr(self.config, "layer_types", None) or []):

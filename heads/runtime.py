@@ -31,6 +31,13 @@ def cache_len_for(length: int) -> int:
     return max(MIN_CACHE_LEN, 1 << max(0, length - 1).bit_length())
 
 
+def compile_step(fn, mode: str | None):
+    """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
+    a step's host time); a base's weights never change, so only the arguments are guarded."""
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(fn, mode=mode, dynamic=False, options=options)
+
+
 @dataclass
 class RuntimeSettings:
     """How a base's layer ranges run: `static` caches, `compile`d steps (implies static)."""
@@ -64,6 +71,7 @@ class StaticKV(Cache):
         super().__init__(layers=[StaticLayer(max_cache_len=max_len) for _ in range(num_layers + 1)])
         self.max_len = max_len
 
+    @torch.inference_mode()  # the buffers are inference tensors when a decoder allocated them
     def set_length(self, length: int, layers: range) -> None:
         """Positions [0, length) are valid in `layers` (and the head slot): a rollback, or a reset to 0."""
         for i in [*layers, len(self.layers) - 1]:
@@ -86,9 +94,8 @@ class LayerRange:
         self.runtime: RuntimeSettings = base.runtime
         self.length = 0  # positions held in this range's cache
         self.cache = base.static_cache(start, end, MIN_CACHE_LEN) if self.runtime.static else DynamicCache()
-        if self.runtime.static:
-            self.cache.set_length(0, range(start, end))
 
+    @torch.inference_mode()  # one grad mode for every call: a compiled graph is captured for one
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
         count = hidden.shape[1]
@@ -117,11 +124,11 @@ class LayerRange:
         self.runtime.captured.add(key)
         return out
 
+    @torch.inference_mode()
     def _grow(self, length: int) -> None:
         """A longer sequence than the cache holds: a bigger cache (and new captures), the valid part copied."""
         old = self.cache
         self.cache = self.base.static_cache(self.start, self.end, cache_len_for(length))
-        self.cache.set_length(0, range(self.start, self.end))
         for i in [*range(self.start, self.end), len(old.layers) - 1]:
             src, dst = old.layers[i], self.cache.layers[i]
             if src.is_initialized:

@@ -189,6 +189,45 @@ def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, 
     return responses
 
 
+def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
+                           temperature: float, top_p: float, seed: int) -> list[list[int]]:
+    """The same answers on the static runtime (`base.set_runtime(compile=True)`): one preallocated cache, rows
+    kept to the end (fixed shapes), the one-position step compiled; the host reads the tokens every 16 steps."""
+    from heads.runtime import cache_len_for
+
+    tok, device = base.tokenizer, base.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(base.eos_token_ids))
+    width, rows = max(map(len, prompts_ids)), len(prompts_ids)
+    inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids], device=device)
+    first = torch.tensor([width - len(p) for p in prompts_ids], device=device)[:, None]  # each row's first real slot
+    cache = base.static_cache(0, base.num_layers, cache_len_for(width + max_new_tokens), rows=rows)
+    slots = torch.arange(cache.max_len, device=device)
+
+    def mask(columns: torch.Tensor) -> torch.Tensor:  # (B, 1, T, max_len): a row's own slots up to the query's
+        return ((slots >= first[:, :, None]) & (slots <= columns[None, :, None]))[:, None]
+
+    generator = torch.Generator(device).manual_seed(seed)
+    eos = torch.tensor(sorted(base.eos_token_ids), device=device)
+    out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        columns = torch.arange(width, device=device)
+        logits = base.next_token_logits(inputs, (columns - first).clamp(min=0), cache, mask(columns))
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            token = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
+            out[:, t] = token
+            done |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or (t % 16 == 15 and bool(done.all())):
+                break
+            column = torch.full((1,), width + t, device=device)
+            logits = base.compiled_next_token_logits(token[:, None], column - first, cache, mask(column))
+    answers = []
+    for row in out[:, :t + 1].tolist():
+        end = next((i for i, x in enumerate(row) if x in base.eos_token_ids), len(row) - 1)
+        answers.append(row[:end + 1])
+    return answers
+
+
 def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, world: int = 1,
                        progress: bool = True) -> list[dict]:
     """Answer every turn of this rank's share of the prompts (greedy + `samples` sampled answers per prompt).
@@ -223,7 +262,8 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, w
             group = sorted((i for i in active if jobs[i][1] == sampled), key=lambda i: len(encoded[i]))
             for b in range(0, len(group), gen["batch_size"]):
                 chunk = group[b:b + gen["batch_size"]]
-                answers = _generate_batch(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
+                generate = _generate_batch_static if base.runtime.compile else _generate_batch
+                answers = generate(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
                                           sample=sampled, temperature=gen["temperature"], top_p=gen["top_p"],
                                           seed=gen["seed"] + 1000 * turn + 7 * b + rank)
                 for i, answer in zip(chunk, answers):
