@@ -95,7 +95,7 @@ class Payloads:
         return []
 
 
-# ---- per-stage timing (the payload of DONE and STATS) --------------------------------------------
+# ---- per-stage timing (the payload of DONE and STATS) -------------------------------------------
 
 STAT_KEYS = ("positions", "compute_s", "prefill_s", "send_s", "blocked_s", "bubble_s", "wall_s", "cpu_s", "dropped",
              "flushes", "head_s")
@@ -143,7 +143,7 @@ class StageStats:
         }
 
 
-# ---- point-to-point links --------------------------------------------------------------------------
+# ---- point-to-point links -----------------------------------------------------------------------
 
 def comm_device() -> torch.device:
     """Where this rank's message tensors must live: NCCL sends only CUDA tensors (the device chosen with
@@ -218,7 +218,7 @@ class Link:
         return PipelineError(f"ppsd pipeline: {self.describe(peer)} {why}")
 
 
-# ---- whole messages from one source rank, read ahead ---------------------------------------------
+# ---- whole messages from one source rank, read ahead --------------------------------------------
 
 class Inbox:
     """Whole messages (header + payloads, `Payloads`) from one source rank, in order.
