@@ -3,6 +3,7 @@
 
 from decode.common import Generation, OracleDrafts
 from decode.decoder import Decoder
-from decode.pipeline import PipelineError, split_layers
+from decode.layout import split_layers
+from decode.protocol import PipelineError
 
 __all__ = ["Decoder", "Generation", "OracleDrafts", "PipelineError", "split_layers"]

@@ -28,7 +28,7 @@ class Generation:
     drafts_verified: int = 0          # drafts made from the verified prefix and checked by the full model
     drafts_accepted: int = 0          # of those, equal to (greedy) / accepted as (sampling) the model's token
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verification step/run
-    stats: dict = field(default_factory=dict)  # method-specific timings (see readme_decode.md)
+    stats: dict = field(default_factory=dict)  # method-specific timings (listed where ar.py, eesd.py, ppsd.py build it)
 
     @property
     def new_tokens(self) -> int:

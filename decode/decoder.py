@@ -19,8 +19,10 @@ import torch.distributed as dist
 from decode.ar import ar_decode, repeatable_step
 from decode.common import Generation
 from decode.eesd import eesd_decode
-from decode.pipeline import Pipeline, PipelineError, measure_costs, split_layers
+from decode.layout import measure_costs, split_layers
+from decode.pipeline import Pipeline
 from decode.ppsd import ppsd_decode
+from decode.protocol import PipelineError
 from heads import load_base, load_head
 from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError

@@ -8,7 +8,7 @@ path of a rejected position. The last stage sends one verdict per fresh position
 y_{p+1}, accepted or not); stage 0 looks for verdicts between its steps (after the layers: a
 rejection there saves the head) and waits for one when `window` positions are in flight. Each
 verdict's token is emitted at once. On a rejection the epoch moves on, stage 0 crops its cache to p+1
-and restarts from y_{p+1}; the later stages drop or overwrite the stale positions (decode/pipeline.py).
+and restarts from y_{p+1}; the later stages drop or overwrite the stale positions (decode/stage.py).
 
 Greedy: accept iff d == y, so the output is AR's token for token. Sampling: stage 0 samples d from
 its q and sends q; the last stage applies the one-draft speculative rule (decode.common.verify), so
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from decode.common import Generation, choose, head_logits, lower_step, make_generator
-from decode.pipeline import NO_DRAFT, StageStats
+from decode.protocol import NO_DRAFT, StageStats
 
 
 def default_window(pipeline) -> int:
@@ -74,7 +74,7 @@ def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int
                 pipeline.send_work(epoch, next_pos, hidden)
                 verdicts = pipeline.poll_verdicts()  # a rejection already here makes this position stale
                 h0 = time.perf_counter()
-                if all(v.flag for v in verdicts):
+                if all(v.accepted for v in verdicts):
                     x, q = draft(hidden, pos_ids)
                 else:  # the verifier drops this position: answer its DRAFT without running the head
                     x, q = NO_DRAFT, None
@@ -101,13 +101,13 @@ def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int
                                        f"expected {pos} epoch {epoch} (decoder bug)")
                 tokens.append(verdict.token)
                 verified += 1
-                accepted += verdict.flag
+                accepted += verdict.accepted
                 run += 1
                 yield verdict.token
                 if verdict.token in stop_ids or len(tokens) >= max_new_tokens:
                     done = True
                     break
-                if not verdict.flag:  # flush: restart after `pos` from the model's token
+                if not verdict.accepted:  # flush: restart after `pos` from the model's token
                     accept_lengths.append(run)
                     run = 0
                     epoch += 1

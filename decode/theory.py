@@ -1,6 +1,6 @@
 """What speedup PPSD and EESD should reach, from per-stage costs (pure functions, no torch).
 
-Terms (see the design note): N decoder layers, exit layer E (the head reads the hidden state after
+Terms: N decoder layers, exit layer E (the head reads the hidden state after
 layers [0, E)), S pipeline stages, α the acceptance rate, γ the EESD draft length, T_AR one AR step.
 
 PPSD: every output token costs one pipeline tick (the slowest stage) when its draft was accepted and
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+
+from decode.stage_layers import check_stage_layers
 
 VerifyCost = Callable[[int], float] | Mapping[int, float]
 
@@ -172,7 +174,7 @@ def stage_costs(layer_s: Sequence[float] | float, num_layers: int, exit_layer: i
     layers = per_layer(layer_s, num_layers)
     if stage_layers is None:
         stage_layers = balanced_split(layers, num_layers, exit_layer, stages, lm_head_s=lm_head_s, send_s=send_s)
-    _check_split(stage_layers, num_layers, exit_layer, stages)
+    check_stage_layers(stage_layers, num_layers, exit_layer, stages)
     costs = []
     for i, (start, end) in enumerate(stage_layers):
         cost = sum(layers[start:end])
@@ -353,15 +355,3 @@ def format_table(rows: Sequence[dict]) -> str:
 def _check_alpha(alpha: float) -> None:
     if not 0 <= alpha <= 1 or math.isnan(alpha):
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
-
-
-def _check_split(stage_layers: Sequence[tuple[int, int]], num_layers: int, exit_layer: int, stages: int) -> None:
-    if len(stage_layers) != stages:
-        raise ValueError(f"stage_layers has {len(stage_layers)} ranges for {stages} stages")
-    if stage_layers[0] != (0, exit_layer) and tuple(stage_layers[0]) != (0, exit_layer):
-        raise ValueError(f"stage 0 must hold layers [0, {exit_layer}), got {tuple(stage_layers[0])}")
-    for (a, b), (c, _) in zip(stage_layers, stage_layers[1:]):
-        if b != c or a >= b:
-            raise ValueError(f"stage_layers {list(stage_layers)} are not contiguous non-empty ranges")
-    if stage_layers[-1][1] != num_layers or stage_layers[-1][0] >= num_layers:
-        raise ValueError(f"the last stage must end at layer {num_layers}")

@@ -199,7 +199,7 @@ def load_model(cfg: DictConfig):
     """The base and the head every method shares (an untrained head of `head_type` for oracle runs
     without head_path: oracle drafts replace its tokens, its cost is all that matters)."""
     from decode.decoder import resolve_base_model, resolve_device
-    from decode.pipeline import measure_costs
+    from decode.layout import measure_costs
     from heads import build_head, load_base, load_head
     from heads.hardware import check_device, resolve_dtype
 

@@ -9,7 +9,7 @@ import torch
 
 from decode import Decoder, OracleDrafts, split_layers
 from decode.common import draft_step, verify
-from decode.pipeline import Header, StageStats, bits_float, float_bits
+from decode.protocol import Header, StageStats
 from heads import UserError, build_head
 
 PROMPTS = [list(range(100, 120)), [5, 9, 200, 7, 7, 31], list(range(3000, 3050, 3))]
@@ -67,9 +67,10 @@ def test_split_layers_balanced_explicit_and_errors():
 
 
 def test_messages_round_trip():
-    h = Header(1, epoch=7, pos=123, n=1, token=49151, flag=1, a=42, b=float_bits(0.7))
+    h = Header(1, epoch=7, pos=123, n=1, token=49151, has_q=True, accepted=True, seed=42, temperature=0.7,
+               layer_start=3, layer_stop=9)
     back = Header.from_tensor(h.tensor("cpu"))
-    assert back == h and bits_float(back.b) == 0.7
+    assert back == h and back.temperature == 0.7
     s = StageStats(positions=4, compute_s=0.4, send_s=0.04, wall_s=1.0, cpu_s=0.2, dropped=3)
     summary = StageStats.from_tensor(s.tensor()).summary(range(2, 6))
     assert summary["compute_s"] == pytest.approx(0.1) and summary["busy_fraction"] == pytest.approx(0.44)

@@ -142,7 +142,7 @@ def test_head_for_another_base_is_refused(tiny_base, tmp_path):
 def test_every_message_tensor_is_on_the_links_device(tiny_base, head_dir, monkeypatch):
     """NCCL moves only tensors on the rank's CUDA device: rank 0 passes every send/recv tensor (headers,
     hidden states, the draft q, stats) on `link.device`, which is the CPU under gloo."""
-    import decode.pipeline as pipeline
+    import decode.protocol as pipeline
 
     seen = []
     for name in ("isend", "irecv"):
@@ -165,7 +165,7 @@ def test_nccl_uses_this_ranks_gpu(monkeypatch):
     """Under torchrun with CUDA: set_device(LOCAL_RANK) before NCCL init, messages on cuda:LOCAL_RANK,
     the base on cuda:LOCAL_RANK; without CUDA: gloo and the CPU. (Checked without a GPU: the calls are faked.)"""
     import decode.__main__ as entry
-    import decode.pipeline as pipeline
+    import decode.protocol as pipeline
     from decode.decoder import resolve_device
 
     calls = []
