@@ -50,14 +50,15 @@ def main(cfg: DictConfig) -> None:
             from decode.evaluate import wants_batch_invariant
             from decode.stage import StageSpec, serve_torchrun
             from heads.base import resolve_model_path
-            from heads.hardware import process_threads, resolve_dtype
+            from heads.hardware import process_threads, resolve_compile, resolve_dtype
 
             device = resolve_device(cfg.device)
             cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
             model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
             threads = process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
             serve_torchrun(StageSpec(model_path=model_path, dtype=cfg.dtype, device=device, threads=threads,
-                                     worker_timeout_s=3600.0, batch_invariant=wants_batch_invariant(cfg)))
+                                     worker_timeout_s=3600.0, batch_invariant=wants_batch_invariant(cfg),
+                                     compile=resolve_compile(cfg.compile, device, quiet=True)))
             dist.destroy_process_group()
             return
         from hydra.core.hydra_config import HydraConfig

@@ -126,7 +126,7 @@ class Decoder:
                                      stage_threads=stage_threads, timeout_s=timeout_s,
                                      worker_timeout_s=worker_timeout_s, device=device,
                                      vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                                     batch_invariant=base.batch_invariant)
+                                     batch_invariant=base.batch_invariant, compile=base.runtime.compile)
 
     @property
     def stages(self) -> int:

@@ -250,7 +250,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     the summary into out_dir; return the summary (the JSON line the entry point prints)."""
     from decode.decoder import Decoder, decode_threads, resolve_base_model, resolve_device
     from heads import load_base
-    from heads.hardware import check_device, resolve_dtype
+    from heads.hardware import check_device, resolve_compile, resolve_dtype
     from heads.schema import DECODE, validate
 
     validate(cfg, DECODE)  # as train() does: a caller from Python gets the command's checks too
@@ -271,7 +271,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
           + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""), flush=True)
     kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
                   threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
-                  device=device)
+                  device=device, compile=resolve_compile(cfg.compile, device))
     decoders = {}
     try:
         head = None
@@ -328,6 +328,8 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         "model": base.name,
         "head_path": cfg.head_path,
         "dtype": str(cfg.dtype),
+        "runtime": base.runtime.describe(),
+        "capture_s": round(base.runtime.capture_s, 2),
         "device": device,
         "threads": cfg.threads,
         "stage_threads": cfg.stage_threads,

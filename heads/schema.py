@@ -305,6 +305,7 @@ DECODE = Spec("decode", {
     "seed": integer(0),
     "dtype": dtype(auto=True),
     "batch_invariant": Rule("bool", auto=True),
+    "compile": Rule("bool", auto=True),
     "device": device(),
     "threads": threads(),
     "stages": integer(2),

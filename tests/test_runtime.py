@@ -66,3 +66,15 @@ def test_batch_invariant_kernels_run_eager(tiny_model_dir):
     base.set_batch_invariant(True)
     assert not base.runtime.static
     assert "eager" in base.set_runtime(static=True)
+
+
+def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir):
+    from decode.decoder import Decoder
+
+    eager = load_base(tiny_model_dir)
+    head = build_head(eager, "mlp", 2)
+    prompt = list(range(5, 25))
+    want = run_to_end(ar_decode(eager, prompt, 16)).tokens
+    with Decoder("ppsd", head=head, model=tiny_model_dir, stages=2, compile=True, timeout_s=600) as ppsd:
+        assert ppsd.base.runtime.compile and ppsd.pipeline is not None
+        assert ppsd.generate(prompt, 16).tokens == want
