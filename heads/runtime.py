@@ -35,6 +35,9 @@ def compile_step(fn, mode: str | None):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
     a step's host time); a base's weights never change, so only the arguments are guarded."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
+    # default limit of 8 it would fall back to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, mode=mode, dynamic=False, options=options)
 
 
