@@ -244,7 +244,7 @@ TRAIN = Spec("train", {
     "device": device(),
     "dtype": dtype(auto=True),
     "matmul_dtype": dtype(auto=True, null=True),
-    # the range 1..N-1 needs the base's depth: train/loop.py checks it from the base's config
+    # the range 1..N-1 needs the base's depth: train/recipe.py checks it from the base's config
     "exit_layer": integer(null=True),
     "exit_layers": list_of(integer(), nonempty=True, null=True),
     "head.type": choice(*HEAD_TYPES, what="head type"),
@@ -273,7 +273,6 @@ TRAIN = Spec("train", {
     "wandb.project": text(),
     "wandb.entity": text(null=True),
     "wandb.name": text(null=True),
-    "debug.step_sleep": number(0),
     "data.prompts": text(),
     "data.prompt_split": text(),
     "data.prompt_field": text(),

@@ -94,7 +94,8 @@ def test_training_metrics_stay_on_the_heads_device(monkeypatch):
     waits for the GPU. The 'meta' device stands in for a GPU here: any metric that is read or built on the CPU
     before the reduction fails on it. One all_reduce per step, on the heads' own device."""
     from train.losses import TeacherView
-    from train.loop import head_metrics, reduce_mean
+    from train.distributed import reduce_mean
+    from train.head_set import head_metrics
 
     device = torch.device("meta")
     students = {"L4": torch.randn(5, 11, device=device), "L8": torch.randn(5, 11, device=device)}

@@ -198,7 +198,7 @@ IDENTITY = {"exit_layers": [3], "head_type": "mlp", "mlp_hidden": 64, "base_mode
     ("step_0000099", "which is missing"),
 ])
 def test_latest_must_name_a_checkpoint_inside_the_run(tmp_path, latest, words):
-    from train.loop import resume_folder
+    from train.checkpoint import resume_folder
 
     _checkpoint(tmp_path, identity=IDENTITY)
     (tmp_path / "checkpoints" / "latest").write_text(latest)
@@ -207,7 +207,7 @@ def test_latest_must_name_a_checkpoint_inside_the_run(tmp_path, latest, words):
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
-    from train.loop import resume_folder
+    from train.checkpoint import resume_folder
 
     _checkpoint(tmp_path, identity=IDENTITY)
     with pytest.raises(UserError, match=r"another configuration \(exit_layers \[3\] -> \[4\]; head_type mlp -> transformer"):
@@ -221,7 +221,7 @@ class _Planted:
 
 
 def test_a_checkpoint_pickle_with_foreign_objects_is_refused_unloaded(tmp_path):
-    from train.loop import resume_folder
+    from train.checkpoint import resume_folder
 
     folder = _checkpoint(tmp_path, identity=IDENTITY)
     torch.save({"module": {"w": torch.zeros(2)}, "extra": _Planted()}, folder / "state" / "mp_rank_00_model_states.pt")
@@ -231,7 +231,7 @@ def test_a_checkpoint_pickle_with_foreign_objects_is_refused_unloaded(tmp_path):
 
 
 def test_unwritable_out_dir_is_one_line(tmp_path):
-    from train.loop import check_out_dir
+    from train.recipe import check_out_dir
 
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="is not a writable folder"):

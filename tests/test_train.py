@@ -54,7 +54,7 @@ def test_a_shared_teacher_view_scores_like_the_raw_logits():
 
 def test_headset_lm_head_in_bf16_matches_autocast(tiny_base):
     """The kept bf16 copy of the frozen LM head gives autocast's logits and gradients, bit for bit."""
-    from train.loop import HeadSet
+    from train.head_set import HeadSet
 
     model = HeadSet(tiny_base, "mlp", [2], 0, lm_head_dtype="bfloat16")
     h = torch.randn(5, tiny_base.hidden_size, requires_grad=True)
@@ -176,9 +176,9 @@ def _leave_the_process_group():
 
 
 def _run_in_process(overrides):
-    from train.loop import train
+    from train.recipe import run
 
-    return train(_compose(overrides))  # the one-process group stays up between runs, as in a Hydra multirun
+    return run(_compose(overrides))  # the one-process group stays up between runs, as in a Hydra multirun
 
 
 def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, prompt_file, tmp_path):
@@ -231,9 +231,17 @@ def test_prompt_longer_than_the_context_is_a_user_error(tiny_model_dir, tmp_path
 # ---------------------------------------------------------------- the command line, killed and resumed
 
 
-def _cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+def _cli(args, launch=("-m", "train"), **kw):
+    return subprocess.Popen([sys.executable, *launch, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+# `python -m train`, each step 0.4 s longer (a pause after its log line), so that a test can kill the run mid-way
+SLOW_STEPS = ("-c", "import runpy, time\n"
+                    "from train.recipe import DistillRecipe\n"
+                    "log_step = DistillRecipe.log_step\n"
+                    "DistillRecipe.log_step = lambda self, *a: (log_step(self, *a), time.sleep(0.4))[0]\n"
+                    "runpy.run_module('train', run_name='__main__', alter_sys=True)")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
@@ -251,7 +259,7 @@ def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_model_dir, promp
 
     run = tmp_path / "run"
     args = _tiny_overrides(tiny_model_dir, prompt_file, run, cache)
-    proc = _cli(args + ["debug.step_sleep=0.4"], start_new_session=True)
+    proc = _cli(args, launch=SLOW_STEPS, start_new_session=True)
     deadline = time.time() + 120
     while not (run / "checkpoints" / "latest").exists() or \
             (run / "checkpoints" / "latest").read_text().strip() < "step_0000004":

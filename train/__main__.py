@@ -25,9 +25,9 @@ atexit.register(_destroy_process_group)
 @entry_point("train", TRAIN)
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from train.loop import train
+    from train.recipe import run
 
-    result = train(cfg)
+    result = run(cfg)
     if result is not None:  # rank 0 only
         paths = result.get("head_paths") or [result["head_path"]]
         top1 = result["heldout_top1"] if isinstance(result["heldout_top1"], list) else [result["heldout_top1"]]

@@ -1,0 +1,64 @@
+"""One process per rank: its device, the process group (NCCL on GPUs, else gloo) and the few collectives the
+recipe uses (a barrier, an object broadcast from rank 0, a mean over ranks)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+
+from heads.hardware import check_device, check_ranks_fit_gpus, free_port, is_auto, process_threads
+
+
+def train_device(setting) -> torch.device:
+    """auto: this rank's GPU when CUDA is available (NCCL needs one GPU per rank), else the CPU."""
+    if is_auto(setting):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        check_ranks_fit_gpus()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = check_device(setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def init_distributed(device: torch.device, threads=None):
+    """Use the launcher's rank variables (torchrun, deepspeed) or make a world of one: NCCL on this rank's
+    GPU (made the current device first: NCCL's collectives and object broadcasts use it), else gloo."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # one process per core share, or they fight over the cores
+        torch.set_num_threads(process_threads(threads, int(os.environ["LOCAL_WORLD_SIZE"])))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                               timeout=datetime.timedelta(hours=2))  # rank 0 may generate data for a while
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def barrier():
+    if torch.distributed.get_backend() == "nccl":  # name the GPU, or NCCL guesses one per rank
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_mean(stats: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean over ranks, in place on the tensor's own device (NCCL takes GPU tensors only)."""
+    if world > 1:
+        torch.distributed.all_reduce(stats)
+        stats /= world
+    return stats

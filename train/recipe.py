@@ -1,0 +1,378 @@
+"""The training recipe: freeze the base, self-distil one exit head per requested layer with DeepSpeed.
+
+`run(cfg)` is the whole job, as `python -m train` runs it:
+
+    recipe = DistillRecipe(cfg)  # the config checked: bad input fails before any weights load
+    recipe.setup()               # base, process group, data, engine (resumed if asked), log, features
+    recipe.train()               # the loop: batch, loss, backward, step, log, checkpoint
+    result = recipe.save_heads() # held-out metrics, a head folder per layer, metrics.json (rank 0)
+    recipe.cleanup()
+
+What the heads train on is in train/features.py, the heads and their metrics in train/head_set.py,
+checkpoints and the resume guards in train/checkpoint.py, the process group in train/distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from heads import UserError, load_base
+from heads.base import model_num_layers, model_source_id, resolve_model_path
+from heads.files import atomic_folder, atomic_write_text
+from heads.hardware import is_auto, resolve_dtype
+from heads.schema import TRAIN, validate
+from train import data as D
+from train.checkpoint import (check_heads_match, metrics_lines_upto, resume_folder, run_identity,
+                              save_checkpoint)
+from train.distributed import barrier, broadcast, init_distributed, reduce_mean, train_device
+from train.features import FeatureSource, collate
+from train.head_set import HeadSet, evaluate, head_metrics, warm_start
+from train.losses import TeacherView, distill_loss
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def exit_layers_of(cfg, num_layers: int) -> list[int]:
+    layers = cfg.exit_layers if cfg.exit_layers is not None else [cfg.exit_layer]
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    try:
+        layers = sorted({int(x) for x in layers})
+    except (TypeError, ValueError):
+        raise UserError(f"exit_layers={list(layers)} must be integers, e.g. exit_layers=[4,8,12]") from None
+    if not layers:
+        raise UserError("exit_layers is empty: give at least one layer, e.g. exit_layers=[8]")
+    bad = [e for e in layers if not 1 <= e <= num_layers - 1]
+    if bad:
+        raise UserError(f"exit layer {bad[0]} is outside 1..{num_layers - 1} for this {num_layers}-layer base")
+    return layers
+
+
+def check_out_dir(out_dir: str) -> Path:
+    """out_dir must be (or become) a writable folder; found now rather than at the first checkpoint."""
+    path = Path(out_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir={out_dir} is not a writable folder ({e.strerror or type(e).__name__}): "
+                        "pass out_dir=<a folder you can write>") from None
+    return path
+
+
+# ---------------------------------------------------------------- schedule and logging
+
+
+def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
+    warm = max(1, round(warmup * total_steps))
+
+    def f(step):  # linear warm-up then cosine to min_ratio
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _wandb_run(cfg, out_dir: Path, resolved: dict):
+    if not cfg.wandb.enabled:
+        return None
+    import wandb
+
+    mode = cfg.wandb.mode or os.environ.get("WANDB_MODE")
+    if not mode:
+        netrc = Path.home() / ".netrc"
+        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        mode = "online" if has_key else "offline"
+    if mode == "disabled":
+        return None
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=mode,
+                      dir=str(out_dir), config=resolved, id=run_id, resume="allow")
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run(cfg) -> dict | None:
+    """The whole job; its result (what metrics.json holds) on rank 0, None on the other ranks."""
+    recipe = DistillRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    result = recipe.save_heads()
+    recipe.cleanup()
+    return result
+
+
+class DistillRecipe:
+    """Every rank runs the same recipe; rank 0 (`main`) alone writes the log, the head folders and metrics.json.
+
+    One frozen-base forward per batch serves every head (train/features.py); only the heads are in the DeepSpeed
+    engine, the base stays outside it."""
+
+    def __init__(self, cfg):
+        # Bad input fails here, before any weights load or the slow distributed set-up.
+        self.t_start = time.time()
+        validate(cfg, TRAIN)
+        self.cfg = cfg
+        self.device = train_device(cfg.device)
+        self.exit_layers = exit_layers_of(cfg, model_num_layers(cfg.model, cfg.trust_remote_code))
+        self.out_dir = check_out_dir(cfg.out_dir)
+        self.identity = run_identity(cfg, self.exit_layers, model_source_id(resolve_model_path(cfg.model), cfg.model))
+        self.resume_from = resume_folder(self.out_dir, self.identity) if cfg.resume else None
+
+    def setup(self) -> None:
+        cfg, device = self.cfg, self.device
+        quiet = int(os.environ.get("RANK", 0)) != 0
+        cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
+        cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
+        cfg.data.gen_dtype = resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet)
+        cfg.data.samples = D.sampled_answers(cfg.data.samples, device, quiet=quiet)
+        self.base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        cfg.data.gen_batch_size = D.generation_batch_size(self.base, cfg.data)
+        if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
+            cfg.forward_batch_size = 64 if device.type == "cuda" else 16
+        self.prompts = D.load_prompts(cfg.data.prompts, split=cfg.data.prompt_split, field=cfg.data.prompt_field,
+                                      limit=cfg.data.max_prompts)
+
+        self.rank, self.world = init_distributed(device, cfg.threads)
+        self.main = self.rank == 0
+        torch.manual_seed(cfg.seed)
+        self.out_dir = Path(broadcast(str(self.out_dir.resolve())))  # ranks' Hydra folders may differ by a second
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_data()
+        self._setup_engine()
+        self._setup_log()
+        self._setup_features()
+
+    def _setup_data(self) -> None:
+        """Prompts -> cached self-generated responses -> examples (held-out prompts: greedy answers only),
+        this rank's shard of the training set, and the step counts."""
+        cfg, base = self.cfg, self.base
+        gen_base = base if str(cfg.data.gen_dtype) in (str(cfg.dtype), "null", "None") else \
+            load_base(cfg.model, dtype=cfg.data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        t_gen = time.time()
+        rows, self.data_dir = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
+                                                      rank=self.rank, world=self.world, barrier=barrier,
+                                                      progress=self.main, gen_base=gen_base)
+        self.gen_seconds = time.time() - t_gen
+        del gen_base
+        held = D.heldout_ids(self.prompts, cfg.data.heldout_fraction, cfg.seed)
+        examples = D.to_examples(rows)
+        train_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id not in held]
+        if cfg.data.prompt_positions:  # held-out metrics stay on the responses: what the decoder drafts
+            train_set = list(zip([i for i, _ in train_set], D.with_prompt_positions([e for _, e in train_set])))
+        self.eval_set = [(i, e) for i, e in enumerate(examples) if e.prompt_id in held and not e.sampled]
+        if not train_set:
+            raise UserError("no training examples: give more prompts or lower data.heldout_fraction")
+        self.train_set, self.shard = train_set, train_set[self.rank::self.world]
+        per_rank = len(train_set) // self.world
+        self.batch_size = min(cfg.batch_size, per_rank) or 1
+        self.steps_per_epoch = max(1, per_rank // self.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+    def _setup_engine(self) -> None:
+        """The heads (warm-started if asked), AdamW with warm-up + cosine, the DeepSpeed engine around them;
+        the checkpoint's state loaded into it on a resume."""
+        import deepspeed
+
+        cfg, base = self.cfg, self.base
+        self.model = model = HeadSet(base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden,
+                                     lm_head_dtype=cfg.matmul_dtype)
+        if cfg.init_from:
+            warm_start(model, cfg.init_from, base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.head.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.min_lr_ratio))
+        ds_config = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+        ds_config.update(train_micro_batch_size_per_gpu=self.batch_size, gradient_accumulation_steps=1,
+                         gradient_clipping=cfg.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
+        ds_config["bf16"] = {"enabled": base.dtype == torch.bfloat16}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                                    config=ds_config)
+        self.step = 0
+        if self.resume_from is not None:
+            # DeepSpeed reads its optimizer and scheduler state with torch.load (a pickle: README, "Resuming");
+            # the heads' weights are then checked against the safetensors copy beside them.
+            _, client = self.engine.load_checkpoint(str(self.resume_from), tag="state")
+            check_heads_match(self.engine, self.resume_from)
+            self.step = client["step"]
+
+    def _setup_log(self) -> None:
+        """metrics.jsonl (on a resume: cut back to the checkpoint's step) and the W&B run, on rank 0."""
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if self.main:
+            if self.cfg.resume:
+                metrics_lines_upto(self.metrics_path, self.step)
+            elif self.metrics_path.exists():
+                self.metrics_path.unlink()
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        self.run = _wandb_run(self.cfg, self.out_dir, resolved) if self.main else None
+
+    def _setup_features(self) -> None:
+        """The frozen base's states for this rank's shard (kept if `cache_features`) and, on rank 0, the held-out
+        set's exact fp32 states and the untrained heads' held-out metrics."""
+        cfg, base = self.cfg, self.base
+        self.source = FeatureSource(base, self.exit_layers, keep=cfg.cache_features,
+                                    batch_size=cfg.forward_batch_size, autocast_dtype=cfg.matmul_dtype)
+        self.eval_source = FeatureSource(base, self.exit_layers, keep=True, batch_size=cfg.forward_batch_size)
+        self.t_features = time.time()
+        if cfg.cache_features:
+            self.source.precompute(self.shard, progress=self.main)
+        if self.main:
+            self.eval_source.precompute(self.eval_set, progress=True)
+        self.untrained = self._evaluate(self.model) if self.main and self.eval_set and self.step == 0 else None
+
+    def _evaluate(self, model: HeadSet) -> dict:
+        return evaluate(model, self.base, self.eval_source, self.eval_set, self.exit_layers, self.cfg.forward_batch_size)
+
+    def _batch_at(self, step: int):
+        """The epoch and this rank's batch at `step`: a fixed shuffle per (seed, epoch, rank), so a resumed run
+        sees the batches the uninterrupted one would have."""
+        epoch, idx = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.shard)))
+        random.Random(self.cfg.seed * 100003 + epoch * 7919 + self.rank).shuffle(order)
+        return epoch, [self.shard[j] for j in order[idx * self.batch_size:(idx + 1) * self.batch_size]]
+
+    def train(self) -> None:
+        """One step per batch: the heads' loss against the teacher, backward, optimizer step, a log line, and a
+        checkpoint every `checkpoint_every` steps and at the last."""
+        cfg, engine, step = self.cfg, self.engine, self.step
+        t_train = time.time()
+        self.features_seconds = t_train - self.t_features
+        bar = tqdm(total=self.total_steps, initial=step, unit="step", disable=not self.main, dynamic_ncols=True,
+                   desc=f"train {cfg.head.type} L{','.join(map(str, self.exit_layers))}")
+        engine.train()
+        while step < self.total_steps:
+            epoch, keyed = self._batch_at(step)
+            batch = collate(self.base, keyed, self.source.get(keyed), self.exit_layers)
+            students, teacher = engine(batch)
+            teacher = TeacherView(teacher.detach())  # argmax and probabilities once per step, whatever the head count
+            losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight) for n, s in students.items()}
+            loss = sum(losses.values())
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            stats = reduce_mean(head_metrics(students, teacher, losses), self.world).tolist()  # the step's one host read
+            if self.main:
+                self.log_step(step, epoch, list(students), stats, bar)
+            if step % cfg.checkpoint_every == 0 or step == self.total_steps:
+                save_checkpoint(engine, self.ckpt_root, step, self.rank, self.identity)
+        bar.close()
+        self.step = step
+        self.train_seconds = time.time() - t_train
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def log_step(self, step: int, epoch: int, names: list[str], stats: list[list[float]], bar) -> None:
+        """One line of metrics.jsonl (and W&B, and the progress bar): the heads' summed loss and mean top-1 and
+        acceptance, and with several heads each head's own."""
+        record = {"step": step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0],
+                  "loss": sum(r[0] for r in stats), "top1": sum(r[1] for r in stats) / len(stats),
+                  "expected_acceptance": sum(r[2] for r in stats) / len(stats)}
+        if len(self.exit_layers) > 1:
+            for n, row in zip(names, stats):
+                record |= {f"{n}/loss": row[0], f"{n}/top1": row[1], f"{n}/expected_acceptance": row[2]}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run:
+            self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.3f}",
+                        acc=f"{record['expected_acceptance']:.3f}")
+        bar.update(1)
+
+    def save_heads(self) -> dict | None:
+        """The trained heads' held-out metrics, a head folder per exit layer and metrics.json; the result on
+        rank 0, None on the other ranks."""
+        import deepspeed
+
+        # Full weights on every rank (ZeRO-3 partitions them; ZeRO-1/2 make them views of one flat buffer),
+        # loaded into plain heads for the held-out evaluation and the head folders.
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            state = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        if not self.main:
+            return None
+        cfg = self.cfg
+        model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden)
+        model.load_state_dict(state)
+        model.eval()
+        heldout = self._evaluate(model) if self.eval_set else {}
+        per_head = [self._save_head(model.heads[f"L{e}"], e, heldout.get(f"L{e}", {})) for e in self.exit_layers]
+        result = self._result(per_head, heldout)
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(result, indent=2))
+        if self.run:
+            self.run.summary.update({f"heldout/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+            for h in per_head:
+                self.run.summary.update({f"heldout/L{h['exit_layer']}/top1": h["heldout_top1"],
+                                         f"heldout/L{h['exit_layer']}/expected_acceptance":
+                                             h["heldout_expected_acceptance"]})
+        return result
+
+    def _save_head(self, head, exit_layer: int, metrics: dict) -> dict:
+        """The head's folder, its training settings and held-out metrics in its config; its line of the result."""
+        cfg = self.cfg
+        untrained = (self.untrained or {}).get(f"L{exit_layer}", {}).get("top1")
+        metadata = {
+            "training": {"data": {"prompts": str(cfg.data.prompts), "num_prompts": len(self.prompts),
+                                  "examples": len(self.train_set), "cache": str(self.data_dir),
+                                  "generation": D._gen_settings(cfg.data)},
+                         "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
+                         "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(cfg.matmul_dtype),
+                         "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(cfg.dtype),
+                         "seed": cfg.seed},
+            "heldout": {"top1": metrics.get("top1"), "expected_acceptance": metrics.get("expected_acceptance"),
+                        "positions": metrics.get("positions"), "untrained_top1": untrained},
+        }
+        head.metadata = metadata
+        head._hub_mixin_config["metadata"] = metadata  # what save_pretrained writes to config.json
+        folder = self.out_dir / f"head_L{exit_layer}_{cfg.head.type}"
+        with atomic_folder(folder) as tmp:
+            head.save_pretrained(tmp)
+        return {"exit_layer": exit_layer, "head_path": str(folder), "heldout_top1": metrics.get("top1"),
+                "heldout_expected_acceptance": metrics.get("expected_acceptance"), "heldout_top1_untrained": untrained}
+
+    def _result(self, per_head: list[dict], heldout: dict) -> dict:
+        """metrics.json: the head(s) first (one head: flat fields; several: lists and `heads`), then the run."""
+        cfg = self.cfg
+        result = {"head": cfg.head.type, "model": self.base.name, "steps": self.step,
+                  "train_examples": len(self.train_set),
+                  "heldout_positions": next(iter(heldout.values()), {}).get("positions", 0),
+                  "generate_seconds": round(self.gen_seconds, 1), "base_forward_seconds": round(self.features_seconds, 1),
+                  "train_seconds": round(self.train_seconds, 1),
+                  "total_seconds": round(time.time() - self.t_start, 1), "out_dir": str(self.out_dir),
+                  "device": str(self.device), "dtype": str(cfg.dtype), "matmul_dtype": str(cfg.matmul_dtype),
+                  "gen_dtype": str(cfg.data.gen_dtype), "threads": torch.get_num_threads()}
+        if len(per_head) == 1:
+            h = per_head[0]
+            return {"head_path": h["head_path"], "exit_layer": h["exit_layer"], "heldout_top1": h["heldout_top1"],
+                    "heldout_expected_acceptance": h["heldout_expected_acceptance"],
+                    "heldout_top1_untrained": h["heldout_top1_untrained"]} | result
+        return {"head_paths": [h["head_path"] for h in per_head], "exit_layers": self.exit_layers,
+                "heldout_top1": [h["heldout_top1"] for h in per_head],
+                "heldout_expected_acceptance": [h["heldout_expected_acceptance"] for h in per_head],
+                "heads": per_head} | result
+
+    def cleanup(self) -> None:
+        """Close the W&B run; every rank waits for rank 0's files."""
+        if self.run:
+            self.run.finish()
+        barrier()
