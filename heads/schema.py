@@ -285,6 +285,7 @@ TRAIN = Spec("train", {
     "data.top_p": number(0, 1, above=True),
     "data.gen_batch_size": integer(1, auto=True),
     "data.gen_dtype": dtype(auto=True, null=True),
+    "data.gen_compile": Rule("bool", auto=True),
     "data.gen_seed": integer(0),
     "data.heldout_fraction": number(0, 1, below=True),
     "data.cache_dir": text(null=True),

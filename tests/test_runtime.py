@@ -78,3 +78,15 @@ def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir):
     with Decoder("ppsd", head=head, model=tiny_model_dir, stages=2, compile=True, timeout_s=600) as ppsd:
         assert ppsd.base.runtime.compile and ppsd.pipeline is not None
         assert ppsd.generate(prompt, 16).tokens == want
+
+
+def test_teacher_answers_on_the_compiled_runtime_equal_the_eager_ones(tiny_model_dir):
+    from train.data import _generate_batch, _generate_batch_static
+
+    base = load_base(tiny_model_dir)
+    prompts = [list(range(5, 5 + n)) for n in (3, 7, 12, 5)]  # left padding: rows start at different slots
+    settings = dict(max_new_tokens=20, sample=False, temperature=1.0, top_p=1.0, seed=0)
+    want = _generate_batch(base, prompts, **settings)
+    base.set_runtime(static=True, compile=True)
+    assert _generate_batch_static(base, prompts, **settings) == want
+    assert _generate_batch_static(base, prompts, **settings) == want  # the pooled cache, emptied, and its graph

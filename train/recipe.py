@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from heads import UserError, load_base
 from heads.base import model_num_layers, model_source_id, resolve_model_path
 from heads.files import atomic_folder, atomic_write_text
-from heads.hardware import is_auto, resolve_dtype
+from heads.hardware import is_auto, resolve_compile, resolve_dtype
 from heads.schema import TRAIN, validate
 from train import data as D
 from train.checkpoint import (check_heads_match, metrics_lines_upto, resume_folder, run_identity,
@@ -144,6 +144,7 @@ class DistillRecipe:
         cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
         cfg.data.gen_dtype = resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet)
         cfg.data.samples = D.sampled_answers(cfg.data.samples, device, quiet=quiet)
+        cfg.data.gen_compile = resolve_compile(cfg.data.gen_compile, device, quiet=quiet)
         self.base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         cfg.data.gen_batch_size = D.generation_batch_size(self.base, cfg.data)
         if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
@@ -167,11 +168,13 @@ class DistillRecipe:
         cfg, base = self.cfg, self.base
         gen_base = base if str(cfg.data.gen_dtype) in (str(cfg.dtype), "null", "None") else \
             load_base(cfg.model, dtype=cfg.data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        gen_base.set_runtime(static=cfg.data.gen_compile, compile=cfg.data.gen_compile)
         t_gen = time.time()
         rows, self.data_dir = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
                                                       rank=self.rank, world=self.world, barrier=barrier,
                                                       progress=self.main, gen_base=gen_base)
         self.gen_seconds = time.time() - t_gen
+        base.set_runtime(static=False)  # training runs the layers without a cache
         del gen_base
         held = D.heldout_ids(self.prompts, cfg.data.heldout_fraction, cfg.seed)
         examples = D.to_examples(rows)
@@ -360,7 +363,8 @@ class DistillRecipe:
                   "train_seconds": round(self.train_seconds, 1),
                   "total_seconds": round(time.time() - self.t_start, 1), "out_dir": str(self.out_dir),
                   "device": str(self.device), "dtype": str(cfg.dtype), "matmul_dtype": str(cfg.matmul_dtype),
-                  "gen_dtype": str(cfg.data.gen_dtype), "threads": torch.get_num_threads()}
+                  "gen_dtype": str(cfg.data.gen_dtype), "gen_compile": bool(cfg.data.gen_compile),
+                  "threads": torch.get_num_threads()}
         if len(per_head) == 1:
             h = per_head[0]
             return {"head_path": h["head_path"], "exit_layer": h["exit_layer"], "heldout_top1": h["heldout_top1"],
