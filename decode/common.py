@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decode.measure import acceptance, figures
 from heads.errors import UserError
 
 
@@ -34,17 +35,18 @@ class Generation:
     def new_tokens(self) -> int:
         return len(self.tokens)
 
+    # this answer's figures, computed as decode.measure computes them over many
     @property
     def tokens_per_s(self) -> float:
-        return len(self.tokens) / self.wall_time if self.wall_time > 0 else 0.0
+        return figures([self])["tokens_per_s"]
 
     @property
     def acceptance_rate(self) -> float | None:
-        return self.drafts_accepted / self.drafts_verified if self.drafts_verified else None
+        return acceptance([self])
 
     @property
     def mean_accept_length(self) -> float:
-        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 1.0
+        return figures([self])["mean_accepted_length"]
 
 
 def run_to_end(tokens: Iterator[int]) -> Generation:

@@ -5,7 +5,8 @@ between turns through the chat template). Output: Spec-Bench's answer format (ch
 new_tokens, wall_time and decoding_steps per turn, accept_lengths one flat list per question) for every
 method, and a summary: tokens/s, acceptance rate, mean accepted length, speedup vs ar (same invocation),
 the speedup Spec-Bench's evaluation/speed.py would print for these files, the prediction of
-decode/theory.py from the measured acceptance and stage costs, and the fastest method.
+decode/theory.py from the measured acceptance and stage costs, and the fastest method (the figures and
+the prediction come from decode/measure.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from decode import theory
 from decode.common import Generation
+from decode.measure import ar_token_s, figures, predict
 from heads.base import parse_dtype
 from heads.files import read_prompts
 
@@ -89,91 +90,7 @@ def spec_bench_speedup(records: list[dict], baseline: list[dict], count_tokens) 
 
 # ---- summaries ----------------------------------------------------------------------------------
 
-def figures(gens: list[Generation]) -> dict:
-    """tokens/s (all new tokens / all wall time), acceptance, mean accepted length over generations."""
-    tokens = sum(g.new_tokens for g in gens)
-    wall = sum(g.wall_time for g in gens)
-    verified = sum(g.drafts_verified for g in gens)
-    accepted = sum(g.drafts_accepted for g in gens)
-    lengths = [n for g in gens for n in g.accept_lengths]
-    return {"new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall else 0.0,
-            "acceptance_rate": accepted / verified if verified else None,
-            "drafts_verified": verified, "drafts_accepted": accepted,
-            "mean_accepted_length": sum(lengths) / len(lengths) if lengths else 1.0}
-
-
-def _weighted(items: list[tuple[float, float]]) -> float:
-    total = sum(w for _, w in items)
-    return sum(v * w for v, w in items) / total if total else 0.0
-
-
-def ar_token_s(gens: list[Generation]) -> float:
-    return _weighted([(g.stats["token_s"], g.stats["steps"]) for g in gens])
-
-
-def eesd_costs(gens: list[Generation]) -> tuple[float, dict[int, float]]:
-    """Mean time of one draft token, and of one verify pass per number of positions verified."""
-    draft = _weighted([(g.stats["draft_s"], g.drafts_verified) for g in gens])
-    per_k: dict[int, list] = defaultdict(list)
-    for g in gens:
-        for k, t in g.stats["verify_s"].items():
-            per_k[int(k)].append(t)
-    return draft, {k: sum(v) / len(v) for k, v in sorted(per_k.items())}
-
-
-def stage_summary(gens: list[Generation]) -> list[dict]:
-    """Per-stage figures over all generations: per-position means weighted by positions, totals summed."""
-    out = []
-    for i in range(len(gens[0].stats["stages"])):
-        rows = [g.stats["stages"][i] for g in gens]
-        w = [max(r["positions"], 1) for r in rows]
-        mean = lambda key: _weighted([(r[key], x) for r, x in zip(rows, w)])  # noqa: E731
-        out.append({"layers": rows[0]["layers"], "positions": sum(r["positions"] for r in rows),
-                    "compute_s": mean("compute_s"), "send_s": mean("send_s"), "head_s": mean("head_s"),
-                    "busy_fraction": mean("busy_fraction"), "blocked_s": sum(r["blocked_s"] for r in rows),
-                    "bubble_s": sum(r["bubble_s"] for r in rows), "dropped": sum(r["dropped"] for r in rows),
-                    "flushes": sum(r["flushes"] for r in rows), "contention": mean("contention")})
-    return out
-
-
-def predict(method: str, gens: list[Generation], t_ar: float | None, gamma: int, alpha: float | None) -> dict:
-    """theory's prediction from this run's own measurements (None where it does not apply)."""
-    if method == "ar" or t_ar is None or alpha is None:
-        return {"predicted_speedup": 1.0 if method == "ar" else None}
-    if method == "eesd":
-        draft_s, verify_s = eesd_costs(gens)
-        if not verify_s:
-            return {"predicted_speedup": None}
-        ks = sorted(verify_s)
-        nearest = lambda k: verify_s[min(ks, key=lambda m: abs(m - k))]  # noqa: E731
-        return {"predicted_speedup": theory.eesd_speedup(alpha, gamma, draft_s, nearest, t_ar),
-                "draft_s": draft_s, "verify_s": verify_s,
-                "best_gamma": theory.best_eesd_gamma(alpha, draft_s, nearest, t_ar)}
-    model = pipeline_model(gens)
-    return {"predicted_speedup": t_ar / ppsd_time(alpha, model)} | model
-
-
-def pipeline_model(gens: list[Generation]) -> dict:
-    """What decode/theory.py needs about a PPSD pipeline, measured in these generations: each stage's time
-    per position (compute + posting its sends), stage 0's head part (after h_E is sent), the feedback
-    (S hops, from the ping each request measures), the window and whether stage 0 polls for verdicts;
-    `stages` holds the per-stage summary they come from."""
-    stages = stage_summary(gens)
-    stats = gens[0].stats
-    hop = sum(g.stats["feedback_s"] for g in gens) / len(gens)
-    return {"stage_s": [s["compute_s"] + s["send_s"] for s in stages], "compute_s": [s["compute_s"] for s in stages],
-            "send_s": [s["send_s"] for s in stages], "head_s": stages[0]["head_s"], "feedback_s": len(stages) * hop,
-            "window": stats["window"], "poll": stats["polls"], "stages": stages}
-
-
-def ppsd_time(alpha: float, model: dict, stage_s: list[float] | None = None) -> float:
-    """theory's PPSD time per token for a `pipeline_model` (optionally with other stage costs)."""
-    stage_s = stage_s or model["stage_s"]
-    head_s = min(model["head_s"], stage_s[0])  # other costs (stage 0 alone) may be below the head measured here
-    return theory.ppsd_time_per_token(alpha, stage_s, model["feedback_s"], model["window"], head_s, model["poll"])
-
-
-def summarize(method: str, gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],
+def summarize(gens_by_method: dict[str, list[Generation]], cats_by_method: dict[str, list[str]],
               gamma: int, records_by_method: dict[str, list[dict]] | None = None, count_tokens=None) -> dict:
     """Figures for every method (overall and per category), speedups vs ar, predictions, the fastest;
     with the answer records and speed.py's token count, also speed.py's speedup vs the ar file (for ar
@@ -315,7 +232,7 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     finally:
         for dec in decoders.values():
             dec.close()
-    summary = summarize(cfg.method, gens_by_method, cats_by_method, cfg.gamma, records_by_method,
+    summary = summarize(gens_by_method, cats_by_method, cfg.gamma, records_by_method,
                         speed_py_token_count(base.tokenizer))
     figs = summary["figures"]
     main = figs[cfg.method]

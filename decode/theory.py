@@ -275,7 +275,8 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
     allreduce_s: also compare with AR tensor-parallel over the same S devices (`tp_ar_time_per_token`):
     rows get t_ar_tp_s and ppsd_speedup_vs_tp.
     Each row: stages, exit_layer, alpha, stage_s, tick_s, latency_s, t_ar_s, ppsd_time_s, ppsd_speedup,
-    ideal_speedup (N/(αE+(1−α)N)), ceiling (N/E), real_ceiling (T_AR/tick), eesd_gamma, eesd_speedup.
+    ideal_speedup (N/(αE+(1−α)N)), ceiling (N/E), real_ceiling (T_AR/tick), eesd_gamma, eesd_speedup
+    (decode.measure.format_table writes them as a Markdown table).
     """
     layers = per_layer(layer_s, num_layers)
     feedback_s = send_s if feedback_s is None else feedback_s
@@ -314,42 +315,6 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
                 t_tp = tp_ar_time_per_token(layers, num_layers, lm_head_s, stages, allreduce_s, embed_s)
                 rows[-1] |= {"t_ar_tp_s": t_tp, "ppsd_speedup_vs_tp": t_tp / rows[-1]["ppsd_time_s"]}
     return rows
-
-
-def format_tp_table(rows: Sequence[dict]) -> str:
-    """A Markdown table of PPSD's speedup over AR tensor-parallel on the same S devices (rows need allreduce_s)."""
-    alphas = sorted({r["alpha"] for r in rows})
-    by_stages: dict[int, dict[float, dict]] = {}
-    for r in rows:
-        by_stages.setdefault(r["stages"], {})[r["alpha"]] = r
-    head = ["S", "E", "TP-AR ms"] + [f"α={a:g}" for a in alphas]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for stages, per_alpha in by_stages.items():
-        first = next(iter(per_alpha.values()))
-        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}"]
-        cells += [f"{per_alpha[a]['ppsd_speedup_vs_tp']:.2f}×" if a in per_alpha else "" for a in alphas]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A Markdown table: one line per stage count, PPSD (EESD) speedup per α, and the ceilings."""
-    alphas = sorted({r["alpha"] for r in rows})
-    by_stages: dict[int, dict[float, dict]] = {}
-    for r in rows:
-        by_stages.setdefault(r["stages"], {})[r["alpha"]] = r
-    head = ["S", "E", "tick ms", "L ms"] + [f"α={a:g} PPSD (ideal) / EESD γ" for a in alphas] + ["N/E", "T_AR/tick"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for stages, per_alpha in by_stages.items():
-        first = next(iter(per_alpha.values()))
-        cells = [str(stages), str(first["exit_layer"]), f"{first['tick_s'] * 1e3:.3f}", f"{first['latency_s'] * 1e3:.3f}"]
-        for a in alphas:
-            r = per_alpha.get(a)
-            cells.append("" if r is None else
-                         f"{r['ppsd_speedup']:.2f}× ({r['ideal_speedup']:.2f}) / {r['eesd_speedup']:.2f}× γ={r['eesd_gamma']}")
-        cells += [f"{first['ceiling']:.2f}", f"{first['real_ceiling']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _check_alpha(alpha: float) -> None:

@@ -20,12 +20,12 @@ import time
 from omegaconf import DictConfig
 
 from decode import theory
+from decode.measure import (MS, TimedRun, eesd_costs, format_table, format_tp_table, measured_table, oracle_table,
+                            pipeline_model, ppsd_tick_latency, ppsd_time, stage_table, timed_run)
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
 from heads.schema import BENCHMARK
-
-MS = 1e-3
 
 
 # --- theory ----------------------------------------------------------------------------------------
@@ -41,10 +41,10 @@ def theory_table(t: DictConfig) -> tuple[list[dict], str]:
         feedback_s=None if t.feedback_ms is None else t.feedback_ms * MS, verify_batch_slope=t.verify_batch_slope,
         allreduce_s=None if t.allreduce_ms is None else t.allreduce_ms * MS,
     )
-    table = theory.format_table(rows)
+    table = format_table(rows)
     if t.allreduce_ms is not None:
         table += ("\n\nPPSD over AR tensor-parallel on the same S devices "
-                  f"(two {t.allreduce_ms} ms all-reduces per layer):\n\n" + theory.format_tp_table(rows))
+                  f"(two {t.allreduce_ms} ms all-reduces per layer):\n\n" + format_tp_table(rows))
     return rows, table
 
 
@@ -60,7 +60,7 @@ def run_theory(cfg: DictConfig) -> dict:
             "rows": [{k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in keep if k in r} for r in rows]}
 
 
-# --- prompts and timed runs ------------------------------------------------------------------------
+# --- prompts and stages alone -----------------------------------------------------------------------
 
 def load_prompts(path: str, count: int) -> list[str]:
     """The first turn of `count` prompts, taken round-robin over the categories (file order within each)."""
@@ -72,85 +72,9 @@ def load_prompts(path: str, count: int) -> list[str]:
     return prompts[:count]
 
 
-class Run:
-    """One method over every prompt: decode time is first token -> last token (prefill excluded)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.generations = []
-        self.decode_s = 0.0      # sum over prompts of (last token time - first token time)
-        self.decode_tokens = 0   # sum over prompts of (tokens - 1)
-        self.wall_s = 0.0
-
-    def add(self, generation, first_s: float, last_s: float, wall_s: float) -> None:
-        self.generations.append(generation)
-        self.decode_s += last_s - first_s
-        self.decode_tokens += len(generation.tokens) - 1
-        self.wall_s += wall_s
-
-    @property
-    def s_per_token(self) -> float:
-        return self.decode_s / max(self.decode_tokens, 1)
-
-    @property
-    def tokens(self) -> list[list[int]]:
-        return [g.tokens for g in self.generations]
-
-    @property
-    def alpha(self) -> float | None:
-        verified = sum(g.drafts_verified for g in self.generations)
-        return sum(g.drafts_accepted for g in self.generations) / verified if verified else None
-
-
-def run_method(decoder, name: str, prompt_ids: list[list[int]], max_new_tokens: int, oracles=None) -> Run:
-    """Generate every prompt with `decoder`, timing each token as it is yielded."""
-    run = Run(name)
-    for i, ids in enumerate(prompt_ids):
-        kwargs = {"oracle": oracles[i]} if oracles is not None else {}
-        start = time.perf_counter()
-        first = last = None
-        for _ in decoder.stream(ids, max_new_tokens, temperature=0.0, **kwargs):
-            last = time.perf_counter()
-            first = first or last
-        run.add(decoder.last_generation, first, last, time.perf_counter() - start)
-    return run
-
-
 def warm_up(decoder, prompt_ids: list[int], tokens: int) -> None:
     if tokens > 0:
         decoder.generate(prompt_ids, tokens, temperature=0.0)
-
-
-# --- what the theory needs, measured in this run ---------------------------------------------------
-
-def pipeline_costs(run: Run) -> dict:
-    """decode.evaluate.pipeline_model over this run's generations: what the theory needs, measured here."""
-    from decode.evaluate import pipeline_model
-
-    return pipeline_model(run.generations)
-
-
-def predict_ppsd(alpha: float, costs: dict, stage_s: list[float] | None = None) -> float:
-    from decode.evaluate import ppsd_time
-
-    return ppsd_time(alpha, costs, stage_s)
-
-
-def eesd_costs(runs: list[Run]) -> tuple[float, dict[int, float]]:
-    """(draft step, {positions: verify pass}) averaged over EESD runs, weighted by their counts."""
-    draft_total = draft_n = 0.0
-    verify_total: dict[int, float] = {}
-    verify_n: dict[int, int] = {}
-    for run in runs:
-        for g in run.generations:
-            st = g.stats
-            # per-k counts are not in the stats: weight each generation's means by its rounds
-            draft_total += st["draft_s"] * st["rounds"]
-            draft_n += st["rounds"]
-            for k, v in st["verify_s"].items():
-                verify_total[int(k)] = verify_total.get(int(k), 0.0) + v * st["rounds"]
-                verify_n[int(k)] = verify_n.get(int(k), 0) + st["rounds"]
-    return draft_total / max(draft_n, 1), {k: verify_total[k] / verify_n[k] for k in verify_total}
 
 
 def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int]], references: list[list[int]],
@@ -241,9 +165,9 @@ def run_benchmark(cfg: DictConfig) -> dict:
 
     ar = Decoder("ar", threads=cfg.ar_threads, **common)
     warm_up(ar, prompt_ids[0], cfg.warmup_tokens)
-    ar_run = run_method(ar, "ar", prompt_ids, n)
+    ar_run = timed_run(ar, "ar", prompt_ids, n)
     ar1 = Decoder("ar", threads=1, **common)
-    ar1_run = run_method(ar1, "ar_1thread", prompt_ids, n)
+    ar1_run = timed_run(ar1, "ar_1thread", prompt_ids, n)
     t_ar, references = ar_run.s_per_token, ar_run.tokens
     result = {"mode": cfg.mode, "model": base.name, "head": cfg.head_path or f"untrained {cfg.head_type}",
               "exit_layer": head.exit_layer, "num_layers": base.num_layers, "dtype": cfg.dtype,
@@ -257,7 +181,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
         layout = ppsd.layout
         result["stage_layers"] = [[r.start, r.stop] for r in layout]
         alone = stage_costs_alone(base, head, layout, prompt_ids, references, cfg.stage_threads)
-        eesd_runs: dict[int, Run] = {}
+        eesd_runs: dict[int, TimedRun] = {}
         if cfg.mode in ("measure", "all"):
             result["measure"] = measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone)
         if cfg.mode in ("oracle", "all"):
@@ -281,19 +205,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     return result
 
 
-def lossless(run: Run, references: list[list[int]]) -> bool:
+def lossless(run: TimedRun, references: list[list[int]]) -> bool:
     return run.tokens == references
-
-
-def stage_table(costs: dict, alone: list[float]) -> tuple[str, list[dict]]:
-    lines = ["| stage | compute ms/pos (pipeline) | alone ms/pos | contention | send ms/pos | τ ms |",
-             "|---|---|---|---|---|---|"]
-    rows = []
-    for i, (c, a, x, tau) in enumerate(zip(costs["compute_s"], alone, costs["send_s"], costs["stage_s"])):
-        rows.append({"stage": i, "compute_ms": c / MS, "alone_ms": a / MS, "contention": c / a if a else None,
-                     "send_ms": x / MS, "tau_ms": tau / MS})
-        lines.append(f"| {i} | {c / MS:.2f} | {a / MS:.2f} | {c / a:.2f} | {x / MS:.3f} | {tau / MS:.2f} |")
-    return "\n".join(lines), rows
 
 
 def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone) -> dict:
@@ -305,14 +218,14 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     for gamma in cfg.gammas:
         eesd = Decoder("eesd", gamma=int(gamma), threads=cfg.ar_threads, **common)
         warm_up(eesd, prompt_ids[0], cfg.warmup_tokens)
-        eesd_runs[int(gamma)] = run = run_method(eesd, f"eesd γ={gamma}", prompt_ids, n)
+        eesd_runs[int(gamma)] = run = timed_run(eesd, f"eesd γ={gamma}", prompt_ids, n)
         sweep[int(gamma)] = run
     best = min(sweep, key=lambda g: sweep[g].s_per_token)
-    ppsd_run = run_method(ppsd, "ppsd", prompt_ids, n)
-    costs = pipeline_costs(ppsd_run)
+    ppsd_run = timed_run(ppsd, "ppsd", prompt_ids, n)
+    costs = pipeline_model(ppsd_run.generations)
     alpha = ppsd_run.alpha or 0.0
-    predicted = predict_ppsd(alpha, costs)
-    draft_s, verify_s = eesd_costs([sweep[best]])
+    predicted = ppsd_time(alpha, costs)
+    draft_s, verify_s = eesd_costs(sweep[best].generations)
     eesd_alpha = sweep[best].alpha or 0.0
     eesd_pred = theory.eesd_time_per_token(eesd_alpha, best, draft_s, verify_s) if best + 1 in verify_s else None
     out = {
@@ -329,13 +242,8 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     table, stage_rows = stage_table(costs, alone)
     out["stages"] = stage_rows
     print(f"\n## Head {cfg.head_path}: measured speedup over AR ({cfg.ar_threads} threads, {t_ar / MS:.2f} ms/token)\n")
-    print("| method | α | ms/token | speedup | predicted | vs 1-thread AR | lossless |\n|---|---|---|---|---|---|---|")
-    print(f"| ar | | {t_ar / MS:.2f} | 1.00× | | {ar1_run.s_per_token / t_ar:.2f}× | |")
-    e, p = out["eesd"], out["ppsd"]
-    print(f"| eesd γ={best} | {eesd_alpha:.3f} | {e['ms_per_token']:.2f} | {e['speedup']:.2f}× | "
-          f"{e['predicted_speedup'] or float('nan'):.2f}× | {ar1_run.s_per_token / sweep[best].s_per_token:.2f}× | {e['lossless']} |")
-    print(f"| ppsd S={cfg.stages} | {alpha:.3f} | {p['ms_per_token']:.2f} | {p['speedup']:.2f}× | "
-          f"{p['predicted_speedup']:.2f}× | {p['speedup_vs_1thread_ar']:.2f}× | {p['lossless']} |")
+    print(measured_table(t_ar, ar1_run.s_per_token, [(f"eesd γ={best}", out["eesd"], sweep[best].s_per_token),
+                                                     (f"ppsd S={cfg.stages}", out["ppsd"], ppsd_run.s_per_token)]))
     print("\nEESD γ sweep (speedup): " + ", ".join(f"γ={g}: {s:.2f}×" for g, s in out["eesd"]["sweep"].items()))
     print("\nPPSD stages (this head):\n" + table, flush=True)
     return out
@@ -353,21 +261,22 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
     if not eesd_runs:  # calibrate the EESD costs per γ on one prompt (an oracle at α = 0.8 keeps rounds full)
         for gamma in cfg.gammas:
             eesd = Decoder("eesd", gamma=int(gamma), threads=cfg.ar_threads, **common)
-            eesd_runs[int(gamma)] = run_method(eesd, f"eesd γ={gamma}", prompt_ids[:1], n, oracles(0.8)[:1])
-    draft_s, verify_s = eesd_costs(list(eesd_runs.values()))
+            eesd_runs[int(gamma)] = timed_run(eesd, f"eesd γ={gamma}", prompt_ids[:1], n, oracles(0.8)[:1])
+    draft_s, verify_s = eesd_costs([g for r in eesd_runs.values() for g in r.generations])
     gammas = [g for g in cfg.gammas if g + 1 in verify_s]
     rows, stage_rows = [], {}
     for alpha in cfg.alphas:
         alpha = float(alpha)
-        run = run_method(ppsd, f"ppsd α={alpha}", prompt_ids, n, oracles(alpha))
-        costs = pipeline_costs(run)
+        run = timed_run(ppsd, f"ppsd α={alpha}", prompt_ids, n, oracles(alpha))
+        costs = pipeline_model(run.generations)
         measured_alpha = run.alpha or 0.0
-        predicted = predict_ppsd(measured_alpha, costs)
+        predicted = ppsd_time(measured_alpha, costs)
+        tick, latency = ppsd_tick_latency(costs)
         stage_rows[alpha] = stage_table(costs, alone)
         gamma = theory.best_eesd_gamma(alpha, draft_s, verify_s, t_ar, gammas)
         eesd = Decoder("eesd", gamma=gamma, threads=cfg.ar_threads, **common)
-        erun = run_method(eesd, f"eesd α={alpha}", prompt_ids, n, oracles(alpha))
-        e_draft, e_verify = eesd_costs([erun])
+        erun = timed_run(eesd, f"eesd α={alpha}", prompt_ids, n, oracles(alpha))
+        e_draft, e_verify = eesd_costs(erun.generations)
         e_alpha = erun.alpha or 0.0
         e_verify = e_verify if gamma + 1 in e_verify else verify_s
         e_pred = theory.eesd_time_per_token(e_alpha, gamma, e_draft, e_verify)
@@ -375,13 +284,9 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
             "alpha": alpha, "ppsd_alpha": measured_alpha, "ppsd_ms": run.s_per_token / MS,
             "ppsd_measured": t_ar / run.s_per_token, "ppsd_predicted": t_ar / predicted,
             "ppsd_error": run.s_per_token / predicted - 1,
-            "ppsd_predicted_alone": t_ar / predict_ppsd(measured_alpha, costs,
-                                                        [a + x for a, x in zip(alone, costs["send_s"])]),
+            "ppsd_predicted_alone": t_ar / ppsd_time(measured_alpha, costs, [a + x for a, x in zip(alone, costs["send_s"])]),
             "ppsd_lossless": lossless(run, references),
-            "tick_ms": theory.ppsd_tick(costs["stage_s"], costs["feedback_s"], costs["window"], costs["head_s"]) / MS,
-            "latency_ms": theory.ppsd_flush_latency(costs["stage_s"], costs["feedback_s"], costs["window"],
-                                                    costs["head_s"], costs["poll"]) / MS,
-            "window": costs["window"],
+            "tick_ms": tick / MS, "latency_ms": latency / MS, "window": costs["window"],
             "contention": [c / a for c, a in zip(costs["compute_s"], alone)],
             "eesd_gamma": gamma, "eesd_alpha": e_alpha, "eesd_ms": erun.s_per_token / MS,
             "eesd_measured": t_ar / erun.s_per_token, "eesd_predicted": t_ar / e_pred,
@@ -389,14 +294,7 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
         })
     print(f"\n## Oracle acceptance: measured vs predicted speedup over AR ({cfg.ar_threads} threads, "
           f"{t_ar / MS:.2f} ms/token); PPSD S={cfg.stages}, one thread per stage\n")
-    print("| α | PPSD α | PPSD measured | PPSD predicted | error | pred. from alone costs | tick ms | L ms | "
-          "contention | EESD γ | EESD measured | EESD predicted | error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['alpha']:.1f} | {r['ppsd_alpha']:.3f} | {r['ppsd_measured']:.2f}× | {r['ppsd_predicted']:.2f}× | "
-              f"{r['ppsd_error']:+.1%} | {r['ppsd_predicted_alone']:.2f}× | {r['tick_ms']:.2f} | {r['latency_ms']:.2f} | "
-              + "/".join(f"{c:.2f}" for c in r["contention"]) +
-              f" | {r['eesd_gamma']} | {r['eesd_measured']:.2f}× | {r['eesd_predicted']:.2f}× | {r['eesd_error']:+.1%} |")
+    print(oracle_table(rows))
     last_alpha = max(stage_rows)
     print(f"\nPPSD stages at α={last_alpha:g}:\n" + stage_rows[last_alpha][0])
     print(f"EESD costs (γ sweep): draft {draft_s / MS:.2f} ms, verify " +

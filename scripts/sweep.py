@@ -13,161 +13,33 @@
 Re-running the same command on the same out_dir resumes: trained heads and measured candidates are kept.
 The folder's sweep.json pins the base model and the measurement settings, so a folder is never mixed.
 The last stdout line is one JSON object: the selected configuration and its measured speedup.
+
+Here: the steps and the entry point. The plan and the folder: scripts/sweep_plan.py; the rows and the
+selection: scripts/sweep_select.py; report.md and the plots: scripts/report.py.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import itertools
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from heads.cli import entry_point
 from heads.errors import UserError
-from heads.files import atomic_write_json, atomic_write_text, read_prompts
-from heads.head import HEAD_TYPES
+from heads.files import atomic_write_json, read_prompts
 from heads.schema import SWEEP
-
-METHODS = ("ppsd", "eesd")
-
-
-# --- the plan -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Candidate:
-    head: str
-    exit_layer: int
-    stages: int
-    gamma: int | None = None
-
-    @property
-    def key(self) -> str:
-        return f"L{self.exit_layer:02d}-{self.head}-s{self.stages}" + (f"-g{self.gamma}" if self.gamma else "")
-
-
-def _int_list(value, name: str) -> list[int]:
-    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
-    try:
-        return sorted({int(v) for v in values if v is not None})
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={values} must be a list of integers, e.g. {name}=[8,12,16]") from None
-
-
-def base_info(model: str) -> tuple[str, int]:
-    """(hub id of the base, number of decoder layers) from its config alone: no weights are loaded."""
-    from heads.base import model_num_layers, model_source_id, resolve_model_path
-
-    return model_source_id(resolve_model_path(model), model), model_num_layers(model)
-
-
-def model_slug(model: str) -> str:
-    """A folder name for a model: "smollm2", "Qwen--Qwen2.5-0.5B", or a local folder's name."""
-    path = Path(model).expanduser()
-    return path.name if path.is_dir() else model.replace("/", "--")
-
-
-def plan(cfg: DictConfig, num_layers: int) -> list[Candidate]:
-    """Validate the candidates (one-line errors) and list them in evaluation order."""
-    layers = _int_list(cfg.exit_layers, "exit_layers")
-    if not layers:
-        raise UserError("no candidate exit layers: pass exit_layers=[8,12,16] (layers in 1..N-1 of the base)")
-    heads = list(dict.fromkeys(cfg.heads or []))
-    if not heads:
-        raise UserError("no head types: pass heads=[mlp] (or [mlp,transformer])")
-    for head in heads:
-        if head not in HEAD_TYPES:
-            raise UserError(f"unknown head type '{head}' in heads: use {', '.join(HEAD_TYPES)}")
-    stages = _int_list(cfg.stages, "stages")
-    if not stages or min(stages) < 2:
-        raise UserError(f"stages={stages}: PPSD needs at least 2 stages, e.g. stages=[2]")
-    top = num_layers - (max(stages) - 1)
-    bad = [e for e in layers if not 1 <= e <= top]
-    if bad:
-        raise UserError(f"exit layer(s) {bad} out of range: this {num_layers}-layer base with up to {max(stages)} "
-                        f"stages takes exit layers 1..{top}")
-    gammas = _int_list(cfg.gammas, "gammas") or [None]
-    if any(g is not None and g < 1 for g in gammas):
-        raise UserError(f"gammas={gammas}: EESD draft lengths are >= 1")
-    if cfg.limit is not None and int(cfg.limit) < 1:
-        raise UserError(f"limit={cfg.limit}: measure at least one prompt")
-    return [Candidate(h, e, s, g) for h, e, s, g in itertools.product(heads, layers, stages, gammas)]
-
-
-def describe_hardware() -> str:
-    """What the measurement ran on, for the report and the model card."""
-    import torch
-
-    if torch.cuda.is_available():
-        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
-        return f"{torch.cuda.device_count()}x {'/'.join(sorted(names))} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores (torch {torch.__version__}, {torch.get_num_threads()} threads)"
-
-
-def manifest_for(cfg: DictConfig, base_model: str, num_layers: int) -> dict:
-    prompts = Path(cfg.prompts).expanduser().resolve()
-    return {
-        "base_model": base_model,
-        "model": str(cfg.model),
-        "num_layers": num_layers,
-        "prompts": str(prompts),
-        "prompts_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()[:16],
-        "limit": cfg.limit,
-        "max_new_tokens": cfg.max_new_tokens,
-        "train_overrides": list(cfg.train_overrides),
-        "decode_overrides": list(cfg.decode_overrides),
-    }
-
-
-# What must match for measurements in one folder to be comparable.
-PINNED = ("base_model", "num_layers", "prompts_sha256", "limit", "max_new_tokens", "decode_overrides")
-
-
-def open_sweep_folder(out: Path, manifest: dict) -> dict:
-    """Create or reopen a sweep folder; refuse one made for another base model or other measurement settings."""
-    path = out / "sweep.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("base_model") != manifest["base_model"]:
-            raise UserError(f"sweep folder '{out}' was made for base model {old.get('base_model')}, not "
-                            f"{manifest['base_model']}: pass a new out_dir=")
-        changed = [k for k in PINNED if old.get(k) != manifest.get(k)]
-        if changed:
-            raise UserError(f"sweep folder '{out}' was measured with other settings ({', '.join(changed)}): rerun "
-                            f"with the same settings to resume, or pass a new out_dir=")
-        manifest = old | {k: v for k, v in manifest.items() if k not in PINNED}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, manifest)
-    return manifest
-
-
-# --- files --------------------------------------------------------------------------------------
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+from scripts.sweep_plan import (Candidate, base_info, describe_hardware, manifest_for, model_slug, open_sweep_folder,
+                                plan, read_json)
+from scripts.sweep_select import candidate_row, finish
 
 
 # --- running the project's own entry points ------------------------------------------------------
@@ -340,113 +212,6 @@ def evaluate(out: Path, cfg: DictConfig, candidates: list[Candidate], heads: dic
             run_entry_point(command, out / "logs" / f"decode-s{stages}{'-g' + str(gamma) if gamma else ''}.log", on_result)
             if queue:
                 raise UserError(f"decode printed no result for {[c.key for c in queue]} (log: {out / 'logs'})")
-
-
-def _method(result: dict, method: str) -> dict:
-    """One method's figures from decode's JSON (top level for the method it ran, `compare` for the others)."""
-    if result.get("method") == method:
-        return result
-    compare = result.get("compare") or {}
-    return compare.get(method) or {}
-
-
-def candidate_row(candidate: Candidate, trained: dict, result: dict, num_layers: int, seconds: float) -> dict:
-    from decode.theory import ideal_ppsd_speedup
-
-    ppsd, eesd, ar = _method(result, "ppsd"), _method(result, "eesd"), _method(result, "ar")
-    alpha = ppsd.get("acceptance_rate")
-    row = asdict(candidate) | {
-        "key": candidate.key,
-        "head_path": trained["head_path"],
-        "acceptance_rate": alpha,
-        "ppsd_speedup": ppsd.get("speedup_vs_ar"),
-        "ppsd_predicted_speedup": ppsd.get("predicted_speedup"),
-        "ppsd_tokens_per_s": ppsd.get("tokens_per_s"),
-        "eesd_acceptance_rate": eesd.get("acceptance_rate"),
-        "eesd_speedup": eesd.get("speedup_vs_ar"),
-        "eesd_predicted_speedup": eesd.get("predicted_speedup"),
-        "eesd_tokens_per_s": eesd.get("tokens_per_s"),
-        "eesd_gamma": eesd.get("gamma", candidate.gamma),
-        "ar_tokens_per_s": ar.get("tokens_per_s"),
-        "lossless": result.get("lossless"),
-        "heldout_top1": trained.get("heldout_top1"),
-        "heldout_expected_acceptance": trained.get("heldout_expected_acceptance"),
-        "train_seconds": trained.get("train_seconds"),
-        "eval_seconds": round(seconds, 1),
-        "num_layers": num_layers,
-        "device": result.get("device"), "dtype": result.get("dtype"),  # what decode's `auto` resolved to
-        "threads": result.get("threads"), "stage_threads": result.get("stage_threads"),
-    }
-    if alpha is not None and num_layers:
-        row["ideal_speedup"] = ideal_ppsd_speedup(alpha, num_layers, candidate.exit_layer)
-    speeds = {m: row[f"{m}_speedup"] for m in METHODS if row[f"{m}_speedup"] is not None}
-    row["best_method"] = max(speeds, key=speeds.get) if speeds else None
-    row["best_speedup"] = speeds.get(row["best_method"]) if speeds else None
-    return row
-
-
-# --- step 3: select and write -------------------------------------------------------------------
-
-def select(rows: list[dict]) -> dict:
-    """The best measured speedup over ar (ppsd or eesd); ar itself when nothing beats it."""
-    measured = [r for r in rows if r.get("best_speedup") is not None]
-    if not measured:
-        raise UserError("no candidate produced a measured speedup: see the decode logs in <out_dir>/logs")
-    best = max(measured, key=lambda r: r["best_speedup"])
-    config = {"key": best["key"], "method": best["best_method"], "head": best["head"], "exit_layer": best["exit_layer"],
-              "stages": best["stages"] if best["best_method"] == "ppsd" else None,
-              "gamma": best.get("eesd_gamma") if best["best_method"] == "eesd" else None,
-              "head_path": best["head_path"], "measured_speedup": best["best_speedup"],
-              "acceptance_rate": best["acceptance_rate"]}
-    if best["best_speedup"] > 1.0:
-        return config | {"beats_ar": True}
-    return {"method": "ar", "measured_speedup": 1.0, "beats_ar": False, "fastest_candidate": config,
-            "note": f"nothing beats ar on this hardware: the fastest candidate ({best['key']}, {best['best_method']}) "
-                    f"reached {best['best_speedup']:.2f}x"}
-
-
-def finish(out: Path, manifest: dict, candidates: list[Candidate]) -> dict:
-    from heads.hub import measured_from_results, write_head_folder
-    from scripts.report import write_report
-
-    keys = {c.key for c in candidates}
-    # The table holds every candidate measured in this folder (earlier runs' too): same base, same settings.
-    rows = sorted((r for r in (read_json(p) for p in (out / "candidates").glob("*.json")) if r),
-                  key=lambda r: (r["head"], r["stages"], r.get("gamma") or 0, r["exit_layer"]))
-    for row in rows:
-        row["hardware"] = manifest["hardware"]
-    selected = select([r for r in rows if r["key"] in keys])
-    results = {k: manifest.get(k) for k in ("base_model", "model", "num_layers", "prompts", "limit", "max_new_tokens",
-                                             "hardware")} | {"selected": selected, "candidates": rows}
-    if selected["beats_ar"]:
-        row = next(r for r in rows if r["key"] == selected["key"])
-        measured = measured_from_results(row | {k: results[k] for k in ("prompts", "limit", "max_new_tokens")},
-                                         {"exit_layer": row["exit_layer"], "head_type": row["head"]})
-        measured["measured_at"] = time.strftime("%Y-%m-%d")
-        write_head_folder(row["head_path"], out / "selected_head", measured=measured, overwrite=True)
-        selected["selected_head"] = str((out / "selected_head").resolve())
-        results["selected"] = selected
-    from scripts.report import noise_warnings
-
-    results["warnings"] = noise_warnings(rows)
-    atomic_write_json(out / "results.json", results)
-    write_csv(out / "results.csv", rows)
-    write_report(out, results)
-    return results
-
-
-CSV_COLUMNS = ("key", "head", "exit_layer", "stages", "gamma", "acceptance_rate", "ppsd_speedup", "ppsd_predicted_speedup",
-               "ideal_speedup", "ppsd_tokens_per_s", "eesd_acceptance_rate", "eesd_speedup", "eesd_predicted_speedup",
-               "eesd_gamma", "eesd_tokens_per_s", "ar_tokens_per_s", "best_method", "best_speedup", "lossless",
-               "heldout_top1", "heldout_expected_acceptance", "train_seconds", "eval_seconds", "head_path")
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
 
 
 def sweep(cfg: DictConfig) -> dict:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from heads.cli import entry_point
 from heads.schema import SWEEP_POINT
-from scripts.sweep import exit_on_sigterm, model_slug, sweep
+from scripts.sweep import exit_on_sigterm, sweep
+from scripts.sweep_plan import model_slug
 
 
 def metrics(results: dict) -> dict:

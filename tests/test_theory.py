@@ -2,6 +2,7 @@
 
 import pytest
 
+from decode.measure import format_table
 from decode.theory import (
     balanced_exit_layer,
     balanced_split,
@@ -9,7 +10,6 @@ from decode.theory import (
     eesd_speedup,
     eesd_time_per_token,
     expected_tokens_per_round,
-    format_table,
     ideal_ppsd_speedup,
     ppsd_speedup,
     ppsd_flush_latency,
