@@ -21,7 +21,7 @@ HEAD_TYPES = ("mlp", "transformer")
 METHODS = ("ar", "eesd", "ppsd")
 LOSSES = ("kl", "ce", "mix")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-BENCHMARK_MODES = ("all", "measure", "oracle", "theory")
+BENCHMARK_MODES = ("all", "measure", "oracle", "theory", "runtime")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _MISSING = object()
 
@@ -331,6 +331,7 @@ BENCHMARK = Spec("benchmark", {
     "dtype": dtype(auto=True),
     "device": device(),
     "batch_invariant": flag(),
+    "compile": Rule("bool", auto=True),
     "prompts": text(),
     "num_prompts": integer(1),
     "max_new_tokens": integer(1),

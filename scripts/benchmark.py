@@ -7,6 +7,7 @@ mode=oracle   drafts equal AR's token with probability α and are wrong otherwis
               factor (its time per position inside the pipeline / alone on its core).
 mode=all      measure + oracle.
 mode=theory   no model: the S = 2..8 prediction table for the per-layer costs in conf (a 7B-class GPU).
+mode=runtime  the decode runtime against the memory-bandwidth bound and HF generate (scripts/runtime_bench.py).
 
 Timings are ratios taken in one invocation; the last printed line is one JSON object.
 """
@@ -25,6 +26,7 @@ from decode.measure import (MS, TimedRun, eesd_costs, format_table, format_tp_ta
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
+from heads.hardware import resolve_compile
 from heads.schema import BENCHMARK
 
 
@@ -157,7 +159,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
     threads = decode_threads(base, prompt_ids[0], cfg.ar_threads, cfg.stage_threads, cfg.stages)
     cfg.ar_threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
-    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device))
+    n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device),
+                                         compile=resolve_compile(cfg.compile, str(base.device)))
     torch.manual_seed(cfg.seed)
     print(f"{base.name} {cfg.dtype} on {base.device}, {head.describe()}, {len(prompt_ids)} prompts × {n} new tokens, "
           f"{cfg.ar_threads} AR threads (ms per AR step by threads: {threads['measured_ms'] or 'not measured'}), "
@@ -303,11 +306,24 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
             "eesd_draft_ms": draft_s / MS, "eesd_verify_ms": {k: v / MS for k, v in verify_s.items()}}
 
 
+def run_runtime(cfg: DictConfig) -> dict:
+    """mode=runtime: the decode runtime against its bounds and HF generate (scripts/runtime_bench.py)."""
+    from decode.decoder import resolve_device
+    from heads.hardware import check_device, is_auto, resolve_dtype
+    from scripts import runtime_bench
+
+    device = str(check_device(resolve_device(cfg.device)))
+    cuda = device.startswith("cuda")
+    return runtime_bench.run(device=device, dtype=resolve_dtype(cfg.dtype, device), tokens=int(cfg.max_new_tokens),
+                             threads=1 if is_auto(cfg.ar_threads) else int(cfg.ar_threads), head_path=cfg.head_path,
+                             gen_rows=128 if cuda else 0, layer_7b_figures=cuda)
+
+
 # --- entry point -----------------------------------------------------------------------------------
 
 @entry_point("benchmark", BENCHMARK)
 def main(cfg: DictConfig) -> None:
-    result = run_theory(cfg) if cfg.mode == "theory" else run_benchmark(cfg)
+    result = {"theory": run_theory, "runtime": run_runtime}.get(cfg.mode, run_benchmark)(cfg)
     print(json.dumps(result, default=_jsonable))
 
 

@@ -177,6 +177,41 @@ def generation(rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict
     return out
 
 
+def run(*, device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens: int = 64, layers: int = 30,
+        head_path: str | None = None, smollm2_figures: bool = True, gen_rows: int = 0, layer_7b_figures: bool = False) -> dict:
+    """Every figure above that is asked for, printed as it is measured; returns them as a dict."""
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    result = {"mode": "runtime", "device": device, "dtype": dtype, "threads": threads, "tokens": tokens,
+              "host_overhead": host_overhead(layers, tokens, device)}
+    h = result["host_overhead"]
+    print(f"host overhead per layer per token ({layers}-layer tiny Llama, {threads} thread(s)): "
+          f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
+          f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
+          f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
+    if smollm2_figures:
+        s = result["smollm2"] = smollm2(tokens, dtype, head_path, device)
+        print(f"SmolLM2 {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
+              f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
+              f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
+              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x",
+              flush=True)
+        if "eesd_eager_ms" in s:
+            print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
+                  f" HF assistant_early_exit {s['hf_early_exit_ms']} ({s['hf_early_exit_ms'] / s['eesd_compiled_ms']:.2f}x"
+                  f" slower than ours compiled)", flush=True)
+    if gen_rows:
+        g = result["generation"] = generation(gen_rows, dtype, device)
+        print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
+              f"{g['compiled_tokens_per_s']} tokens/s", flush=True)
+    if layer_7b_figures:
+        L = result["layer_7b"] = layer_7b(device)
+        print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms;"
+              f" 8 positions eager {L['eager_8_ms']} ms, compiled {L['compiled_8_ms']} ms; bound {L['bound_ms']} ms",
+              flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -190,33 +225,9 @@ def main() -> None:
     parser.add_argument("--layer-7b", action="store_true", help="also time one 7B-shaped layer (bf16; for a GPU)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
-    result = {"device": args.device, "threads": args.threads, "tokens": args.tokens,
-              "host_overhead": host_overhead(args.layers, args.tokens, args.device)}
-    h = result["host_overhead"]
-    print(f"host overhead per layer per token ({args.layers}-layer tiny Llama, {args.threads} thread(s)): "
-          f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
-          f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
-          f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
-    if not args.skip_smollm2:
-        s = result["smollm2"] = smollm2(args.tokens, args.dtype, args.head, args.device)
-        print(f"SmolLM2 {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
-              f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
-              f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
-              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x")
-        if "eesd_eager_ms" in s:
-            print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
-                  f" HF assistant_early_exit {s['hf_early_exit_ms']} ({s['hf_early_exit_ms'] / s['eesd_compiled_ms']:.2f}x"
-                  f" slower than ours compiled)")
-    if args.gen_rows:
-        g = result["generation"] = generation(args.gen_rows, args.dtype, args.device)
-        print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
-              f"{g['compiled_tokens_per_s']} tokens/s")
-    if args.layer_7b:
-        L = result["layer_7b"] = layer_7b(args.device)
-        print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms;"
-              f" 8 positions eager {L['eager_8_ms']} ms, compiled {L['compiled_8_ms']} ms; bound {L['bound_ms']} ms")
+    result = run(device=args.device, dtype=args.dtype, threads=args.threads, tokens=args.tokens, layers=args.layers,
+                 head_path=args.head, smollm2_figures=not args.skip_smollm2, gen_rows=args.gen_rows,
+                 layer_7b_figures=args.layer_7b)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

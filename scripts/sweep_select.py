@@ -44,6 +44,7 @@ def candidate_row(candidate: Candidate, trained: dict, result: dict, num_layers:
         "eval_seconds": round(seconds, 1),
         "num_layers": num_layers,
         "device": result.get("device"), "dtype": result.get("dtype"),  # what decode's `auto` resolved to
+        "runtime": result.get("runtime"),
         "threads": result.get("threads"), "stage_threads": result.get("stage_threads"),
     }
     if alpha is not None and num_layers:
