@@ -7,7 +7,10 @@
 In order, each as its own subprocess (a crash or hang in one is recorded and the next still runs):
 1. train: `python -m train` (the default training), its last JSON line (head_path, held-out α, timings);
 2. decode: PPSD with compare=[ar,eesd] on the first `--limit` dev prompts: losslessness, speedups, ms/token;
-3. benchmark: `python -m scripts.benchmark mode=oracle`: measured vs predicted speedups at fixed α.
+3. benchmark: `python -m scripts.benchmark mode=oracle`: measured vs predicted speedups at fixed α;
+4. runtime: `python -m scripts.benchmark mode=runtime`: eager vs compiled steps, HF generate, the bandwidth
+   bound, teacher generation at batch 128 and a 7B-shaped layer (on CUDA).
+`--steps` picks some of them (e.g. `--steps runtime` alone fits one device command with room to spare).
 The last line printed is the JSON object; every step's full output is kept in `--out-dir`.
 """
 
@@ -43,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-overrides", default="", help='extra train overrides, e.g. "data=tiny max_steps=20"')
     p.add_argument("--decode-overrides", default="", help="extra decode overrides")
     p.add_argument("--benchmark-overrides", default="", help="extra benchmark overrides")
+    p.add_argument("--steps", default="train,decode,benchmark,runtime", help="which checks, comma-separated")
     p.add_argument("--step-timeout", type=float, default=400, help="seconds before one step is killed")
     p.add_argument("--time-limit", type=float, default=540,
                    help="seconds for the whole check (a device machine allows 600 per command): later steps get "
@@ -190,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     overall = time.perf_counter()
     timeout = lambda: min(args.step_timeout, args.time_limit - (time.perf_counter() - overall))  # noqa: E731
 
+    wanted = set(args.steps.split(","))
     head_path = args.head_path
-    if head_path is None:
+    if head_path is None and wanted & {"train", "decode"}:
         # train picks the GPU by itself when there is one: hide it for a CPU check
         env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
         steps["train"] = run_step("train", ["train", f"model={args.model}", f"out_dir={args.out_dir / 'train'}",
@@ -199,13 +204,21 @@ def main(argv: list[str] | None = None) -> dict:
         figures_of(steps["train"], train_figures)
         head_path = steps["train"].get("head_path")
 
-    steps["decode"] = decode_step(args, head_path, timeout())
-    steps["benchmark"] = run_step("benchmark", [
-        "scripts.benchmark", "mode=oracle", f"model={args.model}", f"prompts={args.prompts}",
-        f"max_new_tokens={args.max_new_tokens}", f"device={args.device}", f"dtype={args.dtype}",
-        *merged(BENCHMARK_DEFAULTS, shlex.split(args.benchmark_overrides)),
-    ], args.out_dir, timeout())
-    figures_of(steps["benchmark"], benchmark_figures)
+    if "decode" in wanted:
+        steps["decode"] = decode_step(args, head_path, timeout())
+    if "benchmark" in wanted:
+        steps["benchmark"] = run_step("benchmark", [
+            "scripts.benchmark", "mode=oracle", f"model={args.model}", f"prompts={args.prompts}",
+            f"max_new_tokens={args.max_new_tokens}", f"device={args.device}", f"dtype={args.dtype}",
+            *merged(BENCHMARK_DEFAULTS, shlex.split(args.benchmark_overrides)),
+        ], args.out_dir, timeout())
+        figures_of(steps["benchmark"], benchmark_figures)
+    if "runtime" in wanted:
+        steps["runtime"] = run_step("runtime", [
+            "scripts.benchmark", "mode=runtime", f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}",
+            *([f"head_path={head_path}"] if head_path else []),
+        ], args.out_dir, timeout())
+        figures_of(steps["runtime"], lambda result: {k: v for k, v in result.items() if k != "mode"})
 
     report["wall_s"] = round(time.perf_counter() - overall, 1)
     report["ok"] = all(s["error"] is None for s in steps.values())

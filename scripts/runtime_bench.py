@@ -1,10 +1,10 @@
 """The decode runtime against its bounds and against Hugging Face `generate`, each ratio measured in one run.
 
-    python -m scripts.runtime_bench [--device cpu|cuda] [--threads 1] [--tokens 64] [--layers 30] [--head HEAD]
+    python -m scripts.runtime_bench [--device cpu|cuda] [--threads 1] [--tokens 64] [--layers 30] [--model smollm2] [--head HEAD]
 
 1. Host overhead per layer per token: a tiny random Llama (compute ≈ 0) at the base's depth and at 2 layers;
    (t_depth - t_2) / (depth - 2) leaves out the embedding, LM head and token choice. Eager vs compiled static.
-2. SmolLM2 AR ms/token: eager, compiled static, HF `generate` (greedy, same weights, dtype and threads), and the
+2. The base (SmolLM2 by default) AR ms/token: eager, compiled static, HF `generate` (greedy, same weights, dtype and threads), and the
    memory-bandwidth bound for its weights (their bytes / a timed copy's bandwidth).
 3. With --head: EESD with the trained head vs HF's `assistant_early_exit` at the same layer.
 4. With --gen-rows B: teacher generation (training data) tokens/s at batch B, eager vs compiled, on the
@@ -135,10 +135,10 @@ def host_overhead(depth: int, tokens: int, device) -> dict:
     return rows
 
 
-def smollm2(tokens: int, dtype: str, head_path: str | None, device) -> dict:
-    base = load_base("smollm2", dtype=dtype, device=device)
+def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, device) -> dict:
+    base = load_base(model, dtype=dtype, device=device)
     weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
-    out = {"dtype": dtype, "weights_mb": round(weight_bytes / 1e6, 1),
+    out = {"model": base.name, "dtype": dtype, "weights_mb": round(weight_bytes / 1e6, 1),
            "bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1)}
     out["bound_ms"] = round(weight_bytes / (out["bandwidth_gb_s"] * 1e9) * 1e3, 3)
     out["hf_generate_ms"] = round(hf_generate_ms(base.model, PROMPT, tokens), 2)
@@ -155,10 +155,10 @@ def smollm2(tokens: int, dtype: str, head_path: str | None, device) -> dict:
     return out
 
 
-def generation(rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict:
+def generation(model: str, rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict:
     from train.data import DEFAULT_PROMPTS, _generate_batch, _generate_batch_static
 
-    base = load_base("smollm2", dtype=dtype, device=device)
+    base = load_base(model, dtype=dtype, device=device)
     prompts = [base.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in read_prompts(DEFAULT_PROMPTS)]
     batch = sorted(prompts, key=len)[:rows]
     out = {"rows": rows, "max_new_tokens": max_new_tokens}
@@ -177,8 +177,9 @@ def generation(rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict
     return out
 
 
-def run(*, device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens: int = 64, layers: int = 30,
-        head_path: str | None = None, smollm2_figures: bool = True, gen_rows: int = 0, layer_7b_figures: bool = False) -> dict:
+def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens: int = 64,
+        layers: int = 30, head_path: str | None = None, base_model: bool = True, gen_rows: int = 0,
+        layer_7b_figures: bool = False) -> dict:
     """Every figure above that is asked for, printed as it is measured; returns them as a dict."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
@@ -189,9 +190,9 @@ def run(*, device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens
           f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
           f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
           f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
-    if smollm2_figures:
-        s = result["smollm2"] = smollm2(tokens, dtype, head_path, device)
-        print(f"SmolLM2 {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
+    if base_model:
+        s = result["base"] = base_figures(model, tokens, dtype, head_path, device)
+        print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
               f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
               f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
               f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x",
@@ -201,7 +202,7 @@ def run(*, device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens
                   f" HF assistant_early_exit {s['hf_early_exit_ms']} ({s['hf_early_exit_ms'] / s['eesd_compiled_ms']:.2f}x"
                   f" slower than ours compiled)", flush=True)
     if gen_rows:
-        g = result["generation"] = generation(gen_rows, dtype, device)
+        g = result["generation"] = generation(model, gen_rows, dtype, device)
         print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
               f"{g['compiled_tokens_per_s']} tokens/s", flush=True)
     if layer_7b_figures:
@@ -220,13 +221,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--head", default=None, help="a trained head folder: adds EESD vs HF assistant_early_exit")
-    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--model", default="smollm2", help="the base for the figures of a real model")
+    parser.add_argument("--skip-model", action="store_true", help="only the tiny-model overhead figures")
     parser.add_argument("--gen-rows", type=int, default=0, help="also time teacher generation at this batch size")
     parser.add_argument("--layer-7b", action="store_true", help="also time one 7B-shaped layer (bf16; for a GPU)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
-    result = run(device=args.device, dtype=args.dtype, threads=args.threads, tokens=args.tokens, layers=args.layers,
-                 head_path=args.head, smollm2_figures=not args.skip_smollm2, gen_rows=args.gen_rows,
+    result = run(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, tokens=args.tokens,
+                 layers=args.layers, head_path=args.head, base_model=not args.skip_model, gen_rows=args.gen_rows,
                  layer_7b_figures=args.layer_7b)
     if args.json:
         with open(args.json, "w") as f:

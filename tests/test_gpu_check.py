@@ -7,7 +7,7 @@ from scripts.gpu_check import main
 
 
 def test_a_failed_step_is_recorded_and_the_others_run(tiny_model_dir, spec_bench_path, tmp_path):
-    report = main(["--device", "cpu", "--model", tiny_model_dir, "--prompts", spec_bench_path, "--limit", "1",
+    report = main(["--device", "cpu", "--model", tiny_model_dir, "--prompts", spec_bench_path, "--limit", "1", "--steps", "train,decode,benchmark",
                    "--max-new-tokens", "4", "--train-overrides", "no_such_key=1", "--out-dir", str(tmp_path),
                    "--decode-overrides", "threads=1 warmup=false",
                    "--benchmark-overrides", "num_prompts=1 alphas=[0.0,1.0] gammas=[1] warmup_tokens=0 ar_threads=1"])

@@ -90,3 +90,13 @@ def test_teacher_answers_on_the_compiled_runtime_equal_the_eager_ones(tiny_model
     base.set_runtime(static=True, compile=True)
     assert _generate_batch_static(base, prompts, **settings) == want
     assert _generate_batch_static(base, prompts, **settings) == want  # the pooled cache, emptied, and its graph
+
+
+def test_runtime_benchmark_reports_every_figure(tiny_model_dir):
+    from scripts import runtime_bench
+
+    result = runtime_bench.run(model=tiny_model_dir, layers=3, tokens=4)
+    assert set(result["host_overhead"]) == {"eager", "compiled", "hf_generate"}
+    assert result["host_overhead"]["compiled"]["capture_s"] > 0
+    figures = result["base"]
+    assert figures["bound_ms"] > 0 and figures["ar_eager_ms"] > 0 and figures["ar_compiled_ms"] > 0
