@@ -39,34 +39,39 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
     draft_timer, verify_timers = Timer(), defaultdict(Timer)
     yield token
 
+    on_device = temperature <= 0 and oracle is None  # greedy: drafts stay on the device, one host read per round
     while token not in stop_ids and len(tokens) < max_new_tokens:
         pos = n_prompt + len(tokens) - 1            # position of `token`, the last verified one
         budget = min(gamma, max_new_tokens - len(tokens) - 1)  # a round emits at most budget + 1 tokens
-        hiddens, drafts, draft_qs, x = [], [], [], token
-        for j in range(budget):
-            with draft_timer:
-                h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
-                x, q = choose(draft_logits, temperature, draft_rng)
-                if oracle is not None:
-                    x = oracle.draft(pos + j + 1 - n_prompt, x)
-            hiddens.append(h), drafts.append(x), draft_qs.append(q)
-            if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
-                break
-        k = len(drafts)
-        with verify_timers[k + 1]:
-            h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
-            hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
-            all_logits = base.logits(hidden)[0]
-        new, n_ok = [], 0
-        for i in range(k):
-            y, ok = verify(all_logits[i], drafts[i], draft_qs[i], temperature, verify_rng)
-            new.append(y)
-            if not ok:
-                break
-            n_ok += 1
-        if n_ok == k and not (k and drafts[-1] in stop_ids):
-            y, _ = choose(all_logits[k], temperature, verify_rng)  # every draft accepted: the bonus token
-            new.append(y)
+        if on_device:
+            new, n_ok, k = _greedy_round(base, head, lower, upper, token, pos, budget, stop_ids, draft_timer,
+                                         verify_timers)
+        else:
+            hiddens, drafts, draft_qs, x = [], [], [], token
+            for j in range(budget):
+                with draft_timer:
+                    h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
+                    x, q = choose(draft_logits, temperature, draft_rng)
+                    if oracle is not None:
+                        x = oracle.draft(pos + j + 1 - n_prompt, x)
+                hiddens.append(h), drafts.append(x), draft_qs.append(q)
+                if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
+                    break
+            k = len(drafts)
+            with verify_timers[k + 1]:
+                h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
+                hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
+                all_logits = base.logits(hidden)[0]
+            new, n_ok = [], 0
+            for i in range(k):
+                y, ok = verify(all_logits[i], drafts[i], draft_qs[i], temperature, verify_rng)
+                new.append(y)
+                if not ok:
+                    break
+                n_ok += 1
+            if n_ok == k and not (k and drafts[-1] in stop_ids):
+                y, _ = choose(all_logits[k], temperature, verify_rng)  # every draft accepted: the bonus token
+                new.append(y)
         verified, accepted = verified + n_ok + (n_ok < k), accepted + n_ok  # drafts after a miss don't count
         keep = pos + n_ok + 1                    # positions [0, keep) hold verified inputs
         lower.crop(keep), upper.crop(keep)
@@ -79,3 +84,29 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
                       stats={"prefill_s": prefill_s, "gamma": gamma, "rounds": len(accept_lengths),
                              "draft_s": draft_timer.mean,
                              "verify_s": {k: t.mean for k, t in sorted(verify_timers.items())}})
+
+
+def _greedy_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids, draft_timer,
+                  verify_timers) -> tuple[list[int], int, int]:
+    """One greedy round with every token kept on the device until the verdict: `budget` drafts (each the
+    argmax of the last, fed back as a tensor), one verify pass, then a single read of the model's tokens and
+    the drafts. Returns (new tokens, cut after a stop id; drafts accepted; drafts made)."""
+    device = base.device
+    x = torch.tensor([[token]], device=device)
+    hiddens, drafts = [], []
+    for j in range(budget):
+        with draft_timer:
+            h, draft_logits = draft_step(base, head, lower, x, pos + j)
+            x = draft_logits.argmax(-1).view(1, 1)
+        hiddens.append(h), drafts.append(x)
+    k = len(drafts)
+    with verify_timers[k + 1]:
+        h, _ = draft_step(base, head, lower, x, pos + k, with_logits=False)
+        hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
+        model = base.logits(hidden)[0].argmax(-1)
+        read = torch.cat([model] + [d.view(1) for d in drafts]).tolist()  # the round's one device -> host sync
+    model, drafted = read[:k + 1], read[k + 1:]
+    n_ok = next((i for i in range(k) if drafted[i] != model[i]), k)
+    new = model[:n_ok + 1]
+    stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+    return (new if stop is None else new[:stop + 1]), n_ok, k
