@@ -43,9 +43,11 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
     while token not in stop_ids and len(tokens) < max_new_tokens:
         pos = n_prompt + len(tokens) - 1            # position of `token`, the last verified one
         budget = min(gamma, max_new_tokens - len(tokens) - 1)  # a round emits at most budget + 1 tokens
-        if on_device:
-            new, n_ok, k = _greedy_round(base, head, lower, upper, token, pos, budget, stop_ids, draft_timer,
+        if on_device:  # compiled: always γ drafts, so one verify shape is captured (the last round's extra is cut)
+            count = gamma if base.runtime.compile else budget
+            new, n_ok, k = _greedy_round(base, head, lower, upper, token, pos, count, stop_ids, draft_timer,
                                          verify_timers)
+            new, n_ok, k = new[:budget + 1], min(n_ok, budget), min(k, budget)
         else:
             hiddens, drafts, draft_qs, x = [], [], [], token
             for j in range(budget):

@@ -193,3 +193,21 @@ def write_report(out: Path, results: dict) -> dict[str, Path]:
     ])
     paths["report"].write_text(text)
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m scripts.report SWEEP_FOLDER: rewrite report.md and both plots from the folder's results.json."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not (Path(args[0]) / "results.json").is_file():
+        print("error: usage: python -m scripts.report SWEEP_FOLDER (a folder holding a sweep's results.json)",
+              file=sys.stderr)
+        sys.exit(2)
+    write_report(Path(args[0]), json.loads((Path(args[0]) / "results.json").read_text()))
+    print(f"wrote {Path(args[0]) / 'report.md'} and its plots", flush=True)
+
+
+if __name__ == "__main__":
+    main()

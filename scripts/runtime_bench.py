@@ -34,6 +34,11 @@ from scripts.overhead import tiny_model
 PROMPT = list(range(100, 120))
 
 
+def unique_bytes(parameters) -> int:
+    """Bytes a step reads from these weights, a tied embedding / LM head counted once."""
+    return sum({p.data_ptr(): p.numel() * p.element_size() for p in parameters}.values())
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,7 +101,7 @@ def layer_7b(device, repeats: int = 50, hidden: int = 4096, intermediate: int = 
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     base = Base(model, tokenizer=None, name="llama-7b-layer", folder=None, loaded_layers=range(1))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    weight_bytes = unique_bytes(model.model.layers.parameters())
     out = {"bound_ms": round(weight_bytes / copy_bandwidth(device) * 1e3, 4)}
     for mode in ("eager", "compiled"):
         base.set_runtime(static=mode == "compiled", compile=mode == "compiled")
@@ -137,7 +142,7 @@ def host_overhead(depth: int, tokens: int, device) -> dict:
 
 def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, device) -> dict:
     base = load_base(model, dtype=dtype, device=device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    weight_bytes = unique_bytes(base.model.parameters())
     out = {"model": base.name, "dtype": dtype, "weights_mb": round(weight_bytes / 1e6, 1),
            "bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1)}
     out["bound_ms"] = round(weight_bytes / (out["bandwidth_gb_s"] * 1e9) * 1e3, 3)

@@ -53,6 +53,9 @@ def test_runtime_tokens_equal_eager(tiny_model_dir, compiled):
     torch.nn.init.normal_(head.layer.mlp.down_proj.weight, std=0.02)  # a head that sometimes agrees, sometimes not
     prompt = list(range(5, 25))
     want = run_to_end(ar_decode(eager, prompt, 24)).tokens
+    with torch.no_grad():  # HF generate on the same weights: greedy, the same length
+        hf = eager.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    assert hf == want[:len(hf)] and len(hf) >= 4  # HF stops at an end-of-sequence token, ar_decode here does not
     assert run_to_end(ar_decode(fast, prompt, 24)).tokens == want
     gen = run_to_end(eesd_decode(fast, head, prompt, 24, gamma=2))
     assert gen.tokens == want and gen.drafts_verified > 0

@@ -225,6 +225,12 @@ def test_smollm2_sweep_end_to_end(spec_bench_path, tmp_path):
         assert row["ar_tokens_per_s"] > 0 and row["ppsd_predicted_speedup"] > 0
     assert summary["method"] in ("ppsd", "eesd", "ar")
     assert (summary["method"] == "ar") == (max(r["best_speedup"] for r in results["candidates"]) <= 1.0)
+    from scripts.report import main as report  # the report and plots come back from results.json alone
+    outputs = [tmp_path / "sweep" / name for name in ("report.md", "speedup_vs_exit_layer.png", "acceptance_vs_exit_layer.png")]
+    for path in outputs:
+        path.unlink()
+    report([str(tmp_path / "sweep")])
+    assert all(path.stat().st_size > 0 for path in outputs)
 
 
 def test_report_flags_timings_a_busy_machine_spoiled():
