@@ -38,6 +38,9 @@ def compile_step(fn, mode: str | None):
     # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
     # default limit of 8 it would fall back to eager without a word.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Fused kernels would keep bf16 intermediates in fp32, so a graph cut at another layer (a PPSD stage
+    # boundary, EESD's exit layer) would round differently from AR's whole-range graph: round as eager does.
+    torch._inductor.config.emulate_precision_casts = True
     return torch.compile(fn, mode=mode, dynamic=False, options=options)
 
 

@@ -103,3 +103,18 @@ def test_runtime_benchmark_reports_every_figure(tiny_model_dir):
     assert result["host_overhead"]["compiled"]["capture_s"] > 0
     figures = result["base"]
     assert figures["bound_ms"] > 0 and figures["ar_eager_ms"] > 0 and figures["ar_compiled_ms"] > 0
+
+
+def test_bf16_graphs_cut_at_a_stage_boundary_give_the_whole_range_bits(tiny_model_dir):
+    """PPSD runs [0, E) and [E, N) as two graphs where AR runs [0, N) as one: in bf16 the cut must not change
+    a bit (fused kernels keep intermediates in fp32 unless they round as eager does)."""
+    base = load_base(tiny_model_dir, dtype="bfloat16")
+    base.set_runtime(static=True, compile=True)
+    ids = torch.randint(0, base.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole, lower, upper = base.range(0, base.num_layers), base.range(0, 2), base.range(2, base.num_layers)
+        x = base.embed(ids[:, :16])
+        whole.forward(x, positions(0, 16, "cpu")), upper.forward(lower.forward(x, positions(0, 16, "cpu")), positions(0, 16, "cpu"))
+        for i in range(16, 24):
+            x, pos = base.embed(ids[:, i:i + 1]), positions(i, 1, "cpu")
+            assert torch.equal(whole.forward(x, pos), upper.forward(lower.forward(x, pos), pos))
