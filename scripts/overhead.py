@@ -1,5 +1,6 @@
-"""python -m scripts.overhead: where the time of one AR decode step goes on a tiny random Llama (compute ≈ 0,
-so what is left is per-call host overhead: the part static caches and compiled graphs would remove).
+"""python -m scripts.overhead: where the time of one eager AR decode step goes on a tiny random Llama (compute ≈ 0,
+so what is left is per-call host overhead: the part the compiled runtime removes; scripts/runtime_bench.py
+measures that runtime against it).
 
     python -m scripts.overhead --layers 30 --tokens 64 [--threads 1] [--model FOLDER]
 
