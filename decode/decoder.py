@@ -107,7 +107,7 @@ class Decoder:
         elif batch_invariant is not None and batch_invariant != base.batch_invariant:
             base.set_batch_invariant(batch_invariant)  # a shared base: every method on it computes the same way
         if compile != base.runtime.compile:  # a shared base keeps its caches and captured graphs
-            runtime = base.set_runtime(static=compile, compile=compile)
+            runtime = base.set_runtime(compile=compile)
             if compile and not base.runtime.compile:
                 print(f"compile=true: the base runs {runtime}", flush=True)
         self.base = base

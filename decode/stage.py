@@ -44,7 +44,7 @@ def serve(rank: int, world: int, spec: StageSpec) -> None:
     base = load_base(spec.model_path, dtype=spec.dtype, device=spec.device, layers=layers,
                      embedding=False, lm_head=last, batch_invariant=spec.batch_invariant)
     if spec.compile:
-        base.set_runtime(static=True, compile=True)
+        base.set_runtime(compile=True)
     stage = base.range(layers.start, layers.stop)
     link = Link(rank, spec.worker_timeout_s)
     prev, nxt = rank - 1, rank + 1

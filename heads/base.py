@@ -239,10 +239,11 @@ class Base:
         self.layers = list(self.decoder.layers)  # slicing the ModuleList would build a new module per call
         self.layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
         self.runtime = RuntimeSettings()
-        self._static_caches: dict[tuple[int, int], StaticKV] = {}
+        self._static_caches: dict[tuple[int, int, int], StaticKV] = {}  # (start, end, rows) -> cache
 
-    def set_runtime(self, *, static: bool, compile: bool = False, compile_mode: str | None = "auto") -> str:
-        """Run layer ranges on static caches (and compiled steps), or eager; returns a line saying which.
+    def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto") -> str:
+        """Run layer ranges on compiled steps (which imply static caches), static caches alone, or eager; returns
+        a line saying which.
         Batch-invariant kernels and sliding-window models stay eager. compile_mode auto: CUDA graphs
         ("reduce-overhead") on a GPU, inductor's default on a CPU."""
         if compile_mode == "auto":
@@ -291,7 +292,7 @@ class Base:
         batch_invariant.apply(self.model, on)
         self.batch_invariant = on
         if on and self.runtime.static:  # compiled graphs hold the plain kernels: back to eager
-            self.set_runtime(static=False)
+            self.set_runtime()
 
     @property
     def device(self) -> torch.device:
@@ -309,10 +310,10 @@ class Base:
 
     def attention_masks(self, hidden, position_ids, cache=None, attention_mask=None, layer_idx: int = 0) -> dict:
         """The masks a layer range needs, keyed by attention type (full / sliding window)."""
-        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                      position_ids=position_ids, layer_idx=layer_idx)
         if isinstance(cache, StaticKV):  # a caller's own (B, 1, T, max_len) mask, e.g. for left-padded rows
             return {"full_attention": attention_mask if attention_mask is not None else static_mask(position_ids, cache.max_len)}
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                      position_ids=position_ids, layer_idx=layer_idx)
         kwargs[cache_kwarg(create_causal_mask)] = cache
         masks = {"full_attention": None if self._no_mask_needed(hidden, attention_mask) else create_causal_mask(**kwargs)}
         if getattr(self.config, "sliding_window", None) and "sliding_attention" in (getattr(self.config, "layer_types", None) or []):

@@ -119,15 +119,14 @@ class LayerRange:
 
     def _compiled(self, hidden, position_ids, count: int) -> torch.Tensor:
         key = (self.start, self.end, count, self.cache.max_len)
-        step = self.base.compiled_run_layers
-        if key in self.runtime.captured:
-            return step(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
-        begin = time.perf_counter()  # the first call of a shape compiles (and on CUDA, records a graph)
-        out = step(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
-        if hidden.device.type == "cuda":
-            torch.cuda.synchronize(hidden.device)
-        self.runtime.capture_s += time.perf_counter() - begin
-        self.runtime.captured.add(key)
+        first = key not in self.runtime.captured  # the first call of a shape compiles (on CUDA, records a graph)
+        begin = time.perf_counter()
+        out = self.base.compiled_run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+        if first:
+            if hidden.device.type == "cuda":
+                torch.cuda.synchronize(hidden.device)
+            self.runtime.capture_s += time.perf_counter() - begin
+            self.runtime.captured.add(key)
         return out
 
     @torch.inference_mode()
@@ -158,5 +157,8 @@ class LayerRange:
         self.length = length
 
     def reset(self) -> None:
-        self.crop(0) if self.runtime.static else setattr(self, "cache", DynamicCache())
+        if self.runtime.static:
+            self.crop(0)
+        else:
+            self.cache = DynamicCache()
         self.length = 0

@@ -168,13 +168,13 @@ class DistillRecipe:
         cfg, base = self.cfg, self.base
         gen_base = base if str(cfg.data.gen_dtype) in (str(cfg.dtype), "null", "None") else \
             load_base(cfg.model, dtype=cfg.data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
-        gen_base.set_runtime(static=cfg.data.gen_compile, compile=cfg.data.gen_compile)
+        gen_base.set_runtime(compile=cfg.data.gen_compile)
         t_gen = time.time()
         rows, self.data_dir = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
                                                       rank=self.rank, world=self.world, barrier=barrier,
                                                       progress=self.main, gen_base=gen_base)
         self.gen_seconds = time.time() - t_gen
-        base.set_runtime(static=False)  # training runs the layers without a cache
+        base.set_runtime()  # training runs the layers without a cache
         del gen_base
         held = D.heldout_ids(self.prompts, cfg.data.heldout_fraction, cfg.seed)
         examples = D.to_examples(rows)
