@@ -85,11 +85,14 @@ def test_prompt_files_are_checked(tmp_path):
         D.load_prompts(str(tmp_path / "missing.jsonl"))
 
 
-def test_heldout_split_is_fixed_by_seed():
-    prompts = [{"id": f"p{i}", "turns": ["x"]} for i in range(40)]
+def test_heldout_split_is_fixed_by_seed_and_kept_by_a_larger_prompt_set():
+    prompts = [{"id": f"p{i}", "turns": ["x"]} for i in range(400)]
     a, b = D.heldout_ids(prompts, 0.1, seed=0), D.heldout_ids(list(reversed(prompts)), 0.1, seed=0)
-    assert a == b and len(a) == 4
+    assert a == b and 25 <= len(a) <= 55
     assert D.heldout_ids(prompts, 0.1, seed=1) != a
+    more = prompts + [{"id": f"q{i}", "turns": ["y"]} for i in range(400)]
+    assert D.heldout_ids(more, 0.1, seed=0) & {p["id"] for p in prompts} == a  # α stays comparable
+    assert len(D.heldout_ids(prompts[:2], 0.1, seed=0)) == 1 and len(D.heldout_ids(prompts[:2], 0.99, seed=0)) == 1
 
 
 def test_batch_masks_cover_exactly_the_response_predictions():
@@ -135,9 +138,16 @@ def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
     alone = D._generate_batch(tiny_base, [first["prompt_ids"]], max_new_tokens=6, sample=False, temperature=1,
                               top_p=1, seed=0)
     assert alone[0] == first["response_ids"]
-    stamp = (folder / "responses.jsonl").stat().st_mtime_ns
+    stamp = (folder / "greedy.jsonl").stat().st_mtime_ns
     again, folder2 = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
-    assert folder2 == folder and again == rows and (folder / "responses.jsonl").stat().st_mtime_ns == stamp
+    assert folder2 == folder and again == rows and (folder / "greedy.jsonl").stat().st_mtime_ns == stamp
+    # more samples extend the cached set: the first sampled answers stay, only the new variant is generated
+    more = cfg.copy()
+    more.samples = 2
+    extended, folder4 = D.self_distillation_set(tiny_base, prompts, more, cache_dir=str(tmp_path), progress=False)
+    assert folder4 == folder and len(extended) == 18 and (folder / "greedy.jsonl").stat().st_mtime_ns == stamp
+    assert [r for r in extended if r["sample"] < 1] == rows
+    assert sorted(p.name for p in folder.iterdir()) == ["greedy.jsonl", "meta.json", "sample-000.jsonl", "sample-001.jsonl"]
     changed = cfg.copy()
     changed.max_new_tokens = 5
     _, folder3 = D.self_distillation_set(tiny_base, prompts, changed, cache_dir=str(tmp_path), progress=False)

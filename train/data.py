@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,11 +22,11 @@ from transformers import DynamicCache
 
 from heads import UserError
 from heads.base import cache_kwarg, cache_root
-from heads.files import atomic_folder, atomic_write_text, read_prompts
+from heads.files import atomic_write_json, atomic_write_text, read_prompts
 from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
-CACHE_VERSION = 2  # 2: rows leave the batch when they end; top-p over the top k
+CACHE_VERSION = 3  # 3: one file per answer variant, seeds independent of the number of samples
 
 
 @dataclass
@@ -117,11 +116,20 @@ def _dataset_prompts(source: str, split: str, field: str) -> list[dict]:
 
 
 def heldout_ids(prompts: list[dict], fraction: float, seed: int) -> set[str]:
-    """A fixed random subset of prompt ids (by seed) held out for evaluation."""
-    ids = sorted(p["id"] for p in prompts)
-    random.Random(seed).shuffle(ids)
-    n = max(1, round(fraction * len(ids))) if fraction > 0 and len(ids) > 1 else 0
-    return set(ids[:n])
+    """The prompts held out for evaluation: those whose hash of (seed, id) falls below `fraction`. A prompt's side
+    does not depend on the other prompts, so a larger prompt set keeps the smaller one's held-out prompts (and
+    α stays comparable across data sizes). At least one prompt is held out and one kept when there are two."""
+    def u(i: str) -> float:
+        return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "little") / 2**64
+
+    score = {p["id"]: u(p["id"]) for p in prompts}
+    held = {i for i, x in score.items() if x < fraction}
+    if fraction > 0 and len(score) > 1:
+        if not held:
+            held = {min(score, key=score.get)}
+        if len(held) == len(score):
+            held.discard(max(score, key=score.get))
+    return held
 
 
 # ---------------------------------------------------------------- generation
@@ -228,28 +236,33 @@ def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens
     return answers
 
 
-def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, world: int = 1,
-                       progress: bool = True) -> list[dict]:
-    """Answer every turn of this rank's share of the prompts (greedy + `samples` sampled answers per prompt).
+def variant_seed(gen_seed: int, sample: int | None, turn: int, batch: int, rank: int) -> int:
+    """The sampling seed of one generation batch; it does not depend on how many samples are asked for, so the
+    set with k sampled answers per prompt is the first k of a larger one."""
+    digest = hashlib.sha256(f"{gen_seed}/{sample}/{turn}/{batch}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
 
-    Multi-turn prompts are answered turn by turn: turn k sees the base's own answers to turns < k.
-    Returns rows {id, turn, sampled, prompt_ids, response_ids}.
-    """
+
+def generate_responses(base, prompts: list[dict], gen: dict, *, sample: int | None = None, rank: int = 0,
+                       world: int = 1, progress: bool = True) -> list[dict]:
+    """One answer to every turn of this rank's share of the prompts: greedy (`sample=None`) or sampled answer
+    number `sample`. Multi-turn prompts are answered turn by turn: turn k sees this variant's own answers to
+    turns < k. Returns rows {id, turn, sampled, sample, prompt_ids, response_ids}."""
     mine = prompts[rank::world]
-    variants = [(False, 0)] + [(True, s) for s in range(int(gen["samples"]))]
-    jobs = [(p, sampled, s) for p in mine for sampled, s in variants]  # one conversation per (prompt, variant)
-    history = {i: [] for i in range(len(jobs))}
+    sampled = sample is not None
+    history = {p["id"]: [] for p in mine}
     rows = []
-    todo = sum(len(p["turns"]) for p, _, _ in jobs)
-    bar = tqdm(total=todo, desc="teacher responses", unit="resp", disable=not progress, dynamic_ncols=True)
-    max_turns = max(len(p["turns"]) for p, _, _ in jobs) if jobs else 0
-    for turn in range(max_turns):
-        active = [i for i, (p, _, _) in enumerate(jobs) if turn < len(p["turns"])]
+    name = "greedy answers" if not sampled else f"sampled answers #{sample + 1}"
+    bar = tqdm(total=sum(len(p["turns"]) for p in mine), desc=name, unit="resp", disable=not progress,
+               dynamic_ncols=True)
+    generate = _generate_batch_static if base.runtime.compile else _generate_batch
+    for turn in range(max((len(p["turns"]) for p in mine), default=0)):
         encoded = {}
-        for i in active:
-            p = jobs[i][0]
-            history[i] = history[i] + [{"role": "user", "content": p["turns"][turn]}]
-            ids = base.encode_chat(history[i])
+        for p in mine:
+            if turn >= len(p["turns"]):
+                continue
+            history[p["id"]] = history[p["id"]] + [{"role": "user", "content": p["turns"][turn]}]
+            ids = base.encode_chat(history[p["id"]])
             try:
                 base.check_prompt_length(len(ids), gen["max_new_tokens"])
             except UserError as e:
@@ -257,22 +270,19 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, rank: int = 0, w
             if len(ids) > gen["max_prompt_tokens"]:
                 raise UserError(f"prompt '{p['id']}' turn {turn + 1} has {len(ids)} tokens, over data.max_prompt_tokens="
                                 f"{gen['max_prompt_tokens']}: shorten it or raise data.max_prompt_tokens")
-            encoded[i] = ids
-        for sampled in (False, True):  # greedy and sampled answers go in separate batches
-            group = sorted((i for i in active if jobs[i][1] == sampled), key=lambda i: len(encoded[i]))
-            for b in range(0, len(group), gen["batch_size"]):
-                chunk = group[b:b + gen["batch_size"]]
-                generate = _generate_batch_static if base.runtime.compile else _generate_batch
-                answers = generate(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
-                                          sample=sampled, temperature=gen["temperature"], top_p=gen["top_p"],
-                                          seed=gen["seed"] + 1000 * turn + 7 * b + rank)
-                for i, answer in zip(chunk, answers):
-                    p, _, s = jobs[i]
-                    rows.append({"id": p["id"], "turn": turn, "sampled": sampled, "sample": s,
-                                 "prompt_ids": encoded[i], "response_ids": answer})
-                    text = base.tokenizer.decode([t for t in answer if t not in base.eos_token_ids])
-                    history[i] = history[i] + [{"role": "assistant", "content": text}]
-                bar.update(len(chunk))
+            encoded[p["id"]] = ids
+        group = sorted(encoded, key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+        for b in range(0, len(group), gen["batch_size"]):
+            chunk = group[b:b + gen["batch_size"]]
+            answers = generate(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
+                               sample=sampled, temperature=gen["temperature"], top_p=gen["top_p"],
+                               seed=variant_seed(gen["seed"], sample, turn, b, rank))
+            for i, answer in zip(chunk, answers):
+                rows.append({"id": i, "turn": turn, "sampled": sampled, "sample": -1 if sample is None else sample,
+                             "prompt_ids": encoded[i], "response_ids": answer})
+                text = base.tokenizer.decode([t for t in answer if t not in base.eos_token_ids])
+                history[i] = history[i] + [{"role": "assistant", "content": text}]
+            bar.update(len(chunk))
     bar.close()
     return rows
 
@@ -314,29 +324,35 @@ def _gen_settings(cfg) -> dict:
 
 def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | None = None, rank: int = 0,
                           world: int = 1, barrier=lambda: None, progress: bool = True, gen_base=None) -> tuple[list[dict], Path]:
-    """The cached generated set for (model, prompts, settings): generate it once (ranks share the work)."""
+    """The greedy answers and `samples` sampled answers per prompt turn for (model, prompts, settings).
+
+    Each variant (greedy, sample 0, sample 1, ...) is cached in its own file under one folder, written once
+    (ranks share the work): asking for more samples later generates only the new ones."""
     gen = _gen_settings(cfg)
-    key = cache_key(base, prompts, {k: v for k, v in gen.items() if k != "batch_size"})
+    key = cache_key(base, prompts, {k: v for k, v in gen.items() if k not in ("batch_size", "samples")})
     folder = Path(cache_dir or cache_root() / "data") / key
-    done = folder / "responses.jsonl"
-    if not done.exists():
-        rows = generate_responses(gen_base or base, prompts, gen, rank=rank, world=world, progress=progress)
-        parts = folder.parent / f".parts-{key}"
-        parts.mkdir(parents=True, exist_ok=True)
-        part = parts / f"rank{rank}.jsonl"
-        atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
-        barrier()
-        if rank == 0:
-            order = {p["id"]: i for i, p in enumerate(prompts)}
-            merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
-            merged.sort(key=lambda r: (order[r["id"]], r["turn"], r["sampled"], r["sample"]))
-            meta = {"model": base.name, "prompts": len(prompts), "responses": len(merged), "gen": gen}
-            with atomic_folder(folder, overwrite=False) as tmp:  # another process may have written it first
-                (tmp / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in merged))
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(parts, ignore_errors=True)
-        barrier()
-    rows = [json.loads(line) for line in done.read_text().splitlines()]
+    order = {p["id"]: i for i, p in enumerate(prompts)}
+    rows = []
+    for sample in [None] + list(range(gen["samples"])):
+        done = folder / ("greedy.jsonl" if sample is None else f"sample-{sample:03d}.jsonl")
+        if not done.exists():
+            mine = generate_responses(gen_base or base, prompts, gen, sample=sample, rank=rank, world=world,
+                                      progress=progress)
+            parts = folder / f".parts-{done.stem}"
+            parts.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(parts / f"rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in mine))
+            barrier()
+            if rank == 0:
+                merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
+                merged.sort(key=lambda r: (order[r["id"]], r["turn"]))
+                atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in merged))
+                variants = sorted(p.name for p in folder.glob("*.jsonl"))
+                atomic_write_json(folder / "meta.json", {"model": base.name, "prompts": len(prompts), "variants": variants,
+                                                         "gen": {k: v for k, v in gen.items() if k != "samples"}})
+                shutil.rmtree(parts, ignore_errors=True)
+            barrier()
+        rows += [json.loads(line) for line in done.read_text().splitlines()]
+    rows.sort(key=lambda r: (order[r["id"]], r["turn"], r["sampled"], r["sample"]))
     return rows, folder
 
 
