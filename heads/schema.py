@@ -263,6 +263,7 @@ TRAIN = Spec("train", {
     "cache_features": flag(),
     "forward_batch_size": integer(1, auto=True),
     "checkpoint_every": integer(1),
+    "eval_every": integer(1, null=True),
     "resume": flag(),
     "init_from": text(null=True),
     "out_dir": text(),

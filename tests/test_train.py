@@ -193,7 +193,8 @@ def _run_in_process(overrides):
 
 def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, prompt_file, tmp_path):
     result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
-                                             "exit_layers=[2,4]", "head=transformer", "loss=kl", "temperature=2"))
+                                             "exit_layers=[2,4]", "head=transformer", "loss=kl", "temperature=2",
+                                             "eval_every=2"))
     assert result["exit_layers"] == [2, 4] and result["head"] == "transformer"
     assert [h["exit_layer"] for h in result["heads"]] == [2, 4]
     for h in result["heads"]:
@@ -204,9 +205,15 @@ def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, p
         # it trained: the weights moved away from the base layer it started from
         start = tiny_base.decoder.layers[h["exit_layer"]].state_dict()
         assert any(not torch.equal(v, start[k]) for k, v in head.layer.state_dict().items())
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, result["steps"] + 1))
     assert {"L2/top1", "L4/top1", "L2/expected_acceptance", "loss", "lr"} <= set(log[0])
+    # held-out scores during training (eval_every=2), before the final one in metrics.json
+    heldout = [r for r in lines if "heldout/L2/top1" in r]
+    assert [r["step"] for r in heldout] == list(range(2, result["steps"], 2)) and "heldout/L4/top1" in heldout[0]
+    assert all(0 <= r["heldout/L4/top1"] <= 1 and r["train_seconds"] > 0 for r in heldout)
+    assert result["train_positions"] > result["train_examples"]
 
 
 @pytest.mark.parametrize("overrides, words", [

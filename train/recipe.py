@@ -276,11 +276,34 @@ class DistillRecipe:
             stats = reduce_mean(head_metrics(students, teacher, losses), self.world).tolist()  # the step's one host read
             if self.main:
                 self.log_step(step, epoch, list(students), stats, bar)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+                t_train += self.log_heldout(step, time.time() - t_train)  # evaluation time is not training time
             if step % cfg.checkpoint_every == 0 or step == self.total_steps:
                 save_checkpoint(engine, self.ckpt_root, step, self.rank, self.identity)
         bar.close()
         self.step = step
         self.train_seconds = time.time() - t_train
+
+    def log_heldout(self, step: int, train_seconds: float) -> float:
+        """Score the heads on the held-out set now (a metrics.jsonl line per call); returns the seconds it took."""
+        import deepspeed
+
+        t0 = time.time()
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):  # every rank enters (ZeRO-3)
+            if self.main and self.eval_set:
+                module.eval()
+                heldout = self._evaluate(module)
+                module.train()
+                record = {"step": step, "train_seconds": round(train_seconds, 1)}
+                record |= {f"heldout/{name}/{k}": v for name, m in heldout.items()
+                           for k, v in m.items() if k != "positions"}
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if self.run:
+                    self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        barrier()
+        return time.time() - t0
 
     @property
     def ckpt_root(self) -> Path:
@@ -358,6 +381,7 @@ class DistillRecipe:
         cfg = self.cfg
         result = {"head": cfg.head.type, "model": self.base.name, "steps": self.step,
                   "train_examples": len(self.train_set),
+                  "train_positions": sum(len(e.loss_positions) for _, e in self.train_set),
                   "heldout_positions": next(iter(heldout.values()), {}).get("positions", 0),
                   "generate_seconds": round(self.gen_seconds, 1), "base_forward_seconds": round(self.features_seconds, 1),
                   "train_seconds": round(self.train_seconds, 1),
