@@ -1,0 +1,160 @@
+"""Head quality against data and compute, from finished training runs.
+
+    python -m scripts.scaling RUN_DIR [RUN_DIR ...] [--out FOLDER]
+
+Each RUN_DIR is a `python -m train` output folder (metrics.json; metrics.jsonl with held-out lines when it ran
+with eval_every). Writes to FOLDER (default: the first run's parent):
+- scaling.md: one row per (run, head): answers, positions, epochs, steps, the generation / frozen-forward /
+  training seconds and the held-out α; per exit layer and head type, the fit α = a + b·log2(answers) and
+  what it says the targets would take (an extrapolation, marked as one);
+- alpha_vs_answers.png: held-out α per exit layer against the training answers (log scale);
+- alpha_vs_time.png: held-out α during training against training seconds, one curve per run and head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from heads import UserError  # noqa: E402
+from heads.files import atomic_write_text  # noqa: E402
+
+TARGETS = {15: 0.50, 20: 0.60}  # issue 13's targets for SmolLM2's layers 15 and 20
+
+
+def read_run(folder: Path) -> list[dict]:
+    """One row per head of a finished run, with its held-out curve (train seconds, α) if it logged one."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{folder} has no metrics.json: pass the out_dir of a finished `python -m train` run")
+    result = json.loads(path.read_text())
+    heads = result.get("heads") or [{k: result.get(k) for k in ("exit_layer", "head_path", "heldout_top1")}]
+    log = folder / "metrics.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    rows = []
+    for h in heads:
+        config = json.loads((Path(h["head_path"]) / "config.json").read_text())
+        training = config.get("metadata", {}).get("training", {})
+        key = f"heldout/L{h['exit_layer']}/top1"
+        curve = [(r["train_seconds"], r[key]) for r in lines if key in r]
+        curve.append((result["train_seconds"], h["heldout_top1"]))
+        rows.append({"run": folder.name, "exit_layer": h["exit_layer"], "head": result["head"],
+                     "alpha": h["heldout_top1"], "answers": result["train_examples"],
+                     "positions": result.get("train_positions"), "epochs": training.get("epochs"),
+                     "samples": training.get("data", {}).get("generation", {}).get("samples"),
+                     "prompts": training.get("data", {}).get("num_prompts"), "steps": result["steps"],
+                     "generate_s": result["generate_seconds"], "forward_s": result["base_forward_seconds"],
+                     "train_s": result["train_seconds"], "curve": curve})
+    return rows
+
+
+def log_fit(rows: list[dict]) -> tuple[float, float] | None:
+    """α = a + b·log2(answers) by least squares over runs with distinct data sizes; None with fewer than 2."""
+    points = {r["answers"]: r["alpha"] for r in rows}
+    if len(points) < 2:
+        return None
+    x = np.log2(list(points))
+    b, a = np.polyfit(x, list(points.values()), 1)
+    return float(a), float(b)
+
+
+def _groups(rows):
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["exit_layer"], r["head"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["answers"]) for k, v in sorted(groups.items())}
+
+
+def report(rows: list[dict]) -> str:
+    out = ["# Held-out α against data and compute", "",
+           "α = top-1 agreement of the head with the full model on the greedy answers to the held-out prompts.",
+           "Seconds are wall time of the run's generation, frozen-base forward and training.", "",
+           "| run | exit layer | head | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (layer, head), group in _groups(rows).items():
+        for r in group:
+            out.append(f"| {r['run']} | {layer} | {head} | {r['prompts']} | {r['samples']} | {r['answers']} | "
+                       f"{r['positions'] or ''} | {r['epochs']} | {r['steps']} | {r['generate_s']:.0f} | "
+                       f"{r['forward_s']:.0f} | {r['train_s']:.0f} | **{r['alpha']:.3f}** |")
+    out += ["", "## Fit α = a + b·log2(answers)", ""]
+    for (layer, head), group in _groups(rows).items():
+        fit = log_fit(group)
+        if fit is None:
+            continue
+        a, b = fit
+        line = f"- layer {layer}, {head}: b = {b:+.3f} per doubling of the answers"
+        target = TARGETS.get(layer)
+        if target is not None and b > 0:
+            need = 2 ** ((target - a) / b)
+            most = max(r["answers"] for r in group)
+            line += (f"; α {target:.2f} would take about {need:,.0f} answers ({need / most:.0f}× the largest run), "
+                     "if the trend held that far (an extrapolation)" if need > most else f"; α {target:.2f} is reached")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], folder: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (layer, head), group in _groups(rows).items():
+        x = [r["answers"] for r in group]
+        line, = ax.plot(x, [r["alpha"] for r in group], "o-", label=f"layer {layer}, {head} head")
+        fit = log_fit(group)
+        if fit and len(group) > 2:
+            grid = np.geomspace(min(x), max(x) * 4, 50)
+            ax.plot(grid, fit[0] + fit[1] * np.log2(grid), ":", color=line.get_color(), alpha=0.6)
+        if layer in TARGETS:
+            ax.axhline(TARGETS[layer], color=line.get_color(), lw=0.8, ls="--", alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training answers (greedy + sampled)")
+    ax.set_ylabel("held-out α (top-1 agreement)")
+    ax.set_title("α against data (dotted: log-linear fit; dashed: targets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "alpha_vs_answers.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in sorted(rows, key=lambda r: (r["exit_layer"], r["answers"])):
+        t, a = zip(*r["curve"])
+        ax.plot(np.array(t) / 60, a, "o-" if len(t) > 1 else "o", ms=3,
+                label=f"L{r['exit_layer']} {r['head']}, {r['answers']} answers, {r['epochs']} epochs")
+    ax.set_xlabel("training minutes (frozen forward and generation not included)")
+    ax.set_ylabel("held-out α")
+    ax.set_title("α against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "alpha_vs_time.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    try:
+        rows = [r for folder in args.runs for r in read_run(folder)]
+        out = args.out or args.runs[0].resolve().parent
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "scaling.md", report(rows))
+        plot(rows, out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'scaling.md'}, {out / 'alpha_vs_answers.png'}, {out / 'alpha_vs_time.png'}")
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
