@@ -31,7 +31,7 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class Rule:
-    """What one key takes. `kind`: int | float | bool | str | choice | dtype | device | list | ints."""
+    """What one key takes. `kind`: int | float | bool | str | choice | dtype | device | list | one_or_list."""
 
     kind: str
     lo: float | None = None
@@ -60,7 +60,7 @@ class Rule:
             text = "one of " + ", ".join(self.choices)
         elif self.kind == "device":
             text = "cpu, cuda or cuda:N"
-        elif self.kind == "ints":
+        elif self.kind == "one_or_list":
             text = f"{self.item.describe()} or a list of them"
         else:
             text = f"a{' non-empty' if self.nonempty else ''} list of {self.item.describe().removeprefix('an ').removeprefix('a ')}"
@@ -84,7 +84,7 @@ class Rule:
             return isinstance(value, str) and value in self.choices
         if self.kind == "device":
             return isinstance(value, str) and bool(_DEVICE.match(value))
-        if self.kind == "ints":
+        if self.kind == "one_or_list":
             return self.item.accepts(value) or (isinstance(value, list) and bool(value)
                                                  and all(self.item.accepts(v) for v in value))
         return isinstance(value, list) and (bool(value) or not self.nonempty) and all(self.item.accepts(v) for v in value)
@@ -274,7 +274,7 @@ TRAIN = Spec("train", {
     "wandb.project": text(),
     "wandb.entity": text(null=True),
     "wandb.name": text(null=True),
-    "data.prompts": text(),
+    "data.prompts": Rule("one_or_list", item=text()),
     "data.prompt_split": text(),
     "data.prompt_field": text(),
     "data.max_prompts": integer(1, null=True),
@@ -356,7 +356,7 @@ BENCHMARK = Spec("benchmark", {
     "theory.allreduce_ms": number(0, null=True),
     "theory.alphas": list_of(number(0, 1), nonempty=True),
     "theory.stages": list_of(integer(2), nonempty=True),
-    "theory.exit_layers": Rule("ints", item=_LAYER, null=True),
+    "theory.exit_layers": Rule("one_or_list", item=_LAYER, null=True),
 }, (_benchmark_head,))
 
 _SWEEP_KEYS = {

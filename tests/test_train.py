@@ -76,6 +76,10 @@ def test_prompt_files_are_checked(tmp_path):
     ok = _write(tmp_path / "ok.jsonl", [json.dumps({"id": "a", "turns": ["hi", "more"]}), "",
                                         json.dumps({"id": "b", "turns": "one string"})])
     assert [p["turns"] for p in D.load_prompts(ok)] == [["hi", "more"], ["one string"]]
+    both = D.load_prompts([ok, "default"])  # several sources are concatenated; ids stay unique
+    assert len(both) == 2 + len(D.load_prompts("default")) and both[0]["id"] == "a" and both[2]["id"] == "code-001"
+    assert [p["id"] for p in D.load_prompts([ok, ok])] == ["a#0", "b#1", "a#2", "b#3"]
+    assert D.load_prompts("default.jsonl") == D.load_prompts("default")  # a shipped set by its file name
     for name, lines, words in [("empty.jsonl", [], "no prompts"), ("bad.jsonl", ["{not json"], "not valid JSON"),
                                ("noturns.jsonl", [json.dumps({"id": "x"})], "'turns'"),
                                ("blank.jsonl", [json.dumps({"turns": [""]})], "'turns'")]:

@@ -72,13 +72,27 @@ def _check_prompt(row, where: str) -> dict:
     return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": turns}
 
 
-def load_prompts(source: str, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
-    """A JSONL file, "default", or a `datasets` path (local folder / hub id) -> [{id, category, turns}]."""
+def load_prompts(source, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
+    """A JSONL file, "default", a `datasets` path (local folder / hub id), or a list of them (concatenated)
+    -> [{id, category, turns}]."""
+    if isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig":
+        rows = [r for s in source for r in _prompts_of(s, split, field)]
+    else:
+        rows = _prompts_of(source, split, field)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):  # ids key the held-out split; make them unique by position
+        rows = [r | {"id": f"{r['id']}#{i}"} for i, r in enumerate(rows)]
+    return rows[:limit] if limit else rows
+
+
+def _prompts_of(source: str, split: str, field: str) -> list[dict]:
     if source in (None, "", "default"):
         if not DEFAULT_PROMPTS.exists():
             raise UserError(f"the default prompt set {DEFAULT_PROMPTS} is missing: reinstall ppsd or pass data.prompts=FILE.jsonl")
         source = str(DEFAULT_PROMPTS)
     path = Path(source).expanduser()
+    if not path.exists() and not path.is_absolute() and (Path(__file__).parent / "prompts" / source).is_file():
+        path = Path(__file__).parent / "prompts" / source  # a set the project ships, by its file name
     if path.suffix in (".jsonl", ".json") or path.is_file():
         rows = [{"id": str(q["question_id"]), "category": str(q["category"]), "turns": q["turns"]}
                 for q in read_prompts(path)]
@@ -86,10 +100,7 @@ def load_prompts(source: str, *, split: str = "train", field: str = "turns", lim
         rows = _dataset_prompts(source, split, field)
     if not rows:
         raise UserError(f"prompt source '{source}' holds no prompts: give it at least one {{\"turns\": [...]}} row")
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):  # ids key the held-out split; make them unique by position
-        rows = [r | {"id": f"{r['id']}#{i}"} for i, r in enumerate(rows)]
-    return rows[:limit] if limit else rows
+    return rows
 
 
 def _dataset_prompts(source: str, split: str, field: str) -> list[dict]:

@@ -73,6 +73,11 @@ def check_out_dir(out_dir: str) -> Path:
     return path
 
 
+def _prompt_sources(prompts):
+    """data.prompts as JSON: a name or a list of names."""
+    return [str(p) for p in prompts] if OmegaConf.is_list(prompts) or isinstance(prompts, list) else str(prompts)
+
+
 # ---------------------------------------------------------------- schedule and logging
 
 
@@ -358,7 +363,7 @@ class DistillRecipe:
         cfg = self.cfg
         untrained = (self.untrained or {}).get(f"L{exit_layer}", {}).get("top1")
         metadata = {
-            "training": {"data": {"prompts": str(cfg.data.prompts), "num_prompts": len(self.prompts),
+            "training": {"data": {"prompts": _prompt_sources(cfg.data.prompts), "num_prompts": len(self.prompts),
                                   "examples": len(self.train_set), "cache": str(self.data_dir),
                                   "generation": D._gen_settings(cfg.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
