@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def read_run(folder: Path) -> list[dict]:
         curve = [(r["train_seconds"], r[key]) for r in lines if key in r]
         curve.append((result["train_seconds"], h["heldout_top1"]))
         rows.append({"run": folder.name, "exit_layer": h["exit_layer"], "head": result["head"],
+                     "cost": head_cost(Path(h["head_path"]), config.get("base_config", {})),
                      "alpha": h["heldout_top1"], "answers": result["train_examples"],
                      "positions": result.get("train_positions"), "epochs": training.get("epochs"),
                      "samples": training.get("data", {}).get("generation", {}).get("samples"),
@@ -54,6 +56,25 @@ def read_run(folder: Path) -> list[dict]:
                      "generate_s": result["generate_seconds"], "forward_s": result["base_forward_seconds"],
                      "train_s": result["train_seconds"], "curve": curve})
     return rows
+
+
+def head_cost(head_path: Path, base_config: dict) -> float | None:
+    """The head's weights in units of one base decoder layer's: what a draft costs beyond layers [0, E) (both
+    also run the base's LM head, the same for every head)."""
+    from safetensors import safe_open
+
+    file = head_path / "model.safetensors"
+    if not file.is_file() or "hidden_size" not in base_config:
+        return None
+    with safe_open(str(file), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    c = base_config
+    hidden, inter = c["hidden_size"], c.get("intermediate_size", 4 * c["hidden_size"])
+    heads = c.get("num_attention_heads", 1)
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = c.get("num_key_value_heads", heads) * head_dim
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    return params / layer
 
 
 def log_fit(rows: list[dict]) -> tuple[float, float] | None:
@@ -76,12 +97,14 @@ def _groups(rows):
 def report(rows: list[dict]) -> str:
     out = ["# Held-out α against data and compute", "",
            "α = top-1 agreement of the head with the full model on the greedy answers to the held-out prompts.",
-           "Seconds are wall time of the run's generation, frozen-base forward and training.", "",
-           "| run | exit layer | head | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "Seconds are wall time of the run's generation, frozen-base forward and training. Head cost: its weights in",
+           "units of one base layer's (a draft runs layers [0, E), the head and the LM head).", "",
+           "| run | exit layer | head | head cost | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (layer, head), group in _groups(rows).items():
         for r in group:
-            out.append(f"| {r['run']} | {layer} | {head} | {r['prompts']} | {r['samples']} | {r['answers']} | "
+            cost = f"{r['cost']:.2f}" if r["cost"] is not None else ""
+            out.append(f"| {r['run']} | {layer} | {head} | {cost} | {r['prompts']} | {r['samples']} | {r['answers']} | "
                        f"{r['positions'] or ''} | {r['epochs']} | {r['steps']} | {r['generate_s']:.0f} | "
                        f"{r['forward_s']:.0f} | {r['train_s']:.0f} | **{r['alpha']:.3f}** |")
     out += ["", "## Fit α = a + b·log2(answers)", ""]

@@ -28,16 +28,28 @@ def test_report_fits_alpha_per_doubling_and_says_what_the_target_takes(tmp_path)
             for n, alpha in [(2, 0.36), (4, 0.39), (8, 0.42)]]
     assert scaling.main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "scaling.md").read_text()
-    assert "| s8 | 15 | mlp | 378 | 7 | 6400 | 640000 | 2 | 6400 |" in text and "**0.420**" in text
+    assert "| s8 | 15 | mlp |  | 378 | 7 | 6400 | 640000 | 2 | 6400 |" in text and "**0.420**" in text
     assert "b = +0.030 per doubling" in text
     # 0.42 + 0.03 * log2(need / 6400) = 0.50 -> need = 6400 * 2^(8/3), about 6.3x the largest run
     assert "α 0.50 would take about 40,637 answers (6× the largest run)" in text
     rows = scaling.read_run(runs[0])
     assert rows[0]["curve"] == [(60.0, pytest.approx(0.31)), (120.0, pytest.approx(0.35)), (180.0, 0.36)]
     assert (tmp_path / "out" / "alpha_vs_answers.png").stat().st_size > 0
+    assert rows[0]["cost"] is None  # no weights in this fabricated head folder
     assert (tmp_path / "out" / "alpha_vs_time.png").stat().st_size > 0
 
 
 def test_a_folder_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert scaling.main([str(tmp_path)]) == 2
     assert "has no metrics.json" in capsys.readouterr().err
+
+
+def test_head_cost_counts_weights_in_base_layers(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1}
+    # one layer: q, o 8x8; k, v 8x4; gate, up, down 8x16; two norms of 8 = 128 + 64 + 384 + 16 = 592
+    save_file({"up.weight": torch.zeros(32, 8), "down.weight": torch.zeros(8, 32), "norm.weight": torch.zeros(8)},
+              str(tmp_path / "model.safetensors"))
+    assert scaling.head_cost(tmp_path, config) == pytest.approx(520 / 592)
