@@ -132,7 +132,7 @@ def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
     prompts = [{"id": f"p{i}", "turns": [f"question {i} " * (i + 1)] + (["and then?"] if i == 0 else [])}
                for i in range(5)]
     cfg = _compose(["data=tiny", "data.max_new_tokens=6", "data.gen_batch_size=2", "data.samples=1"]).data
-    rows, folder = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
+    rows, [folder] = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
     assert len(rows) == 12  # (5 first turns + 1 second turn) x (greedy + 1 sampled)
     assert all(0 < len(r["response_ids"]) <= 6 for r in rows)
     second = next(r for r in rows if r["turn"] == 1 and not r["sampled"])
@@ -143,20 +143,26 @@ def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
                               top_p=1, seed=0)
     assert alone[0] == first["response_ids"]
     stamp = (folder / "greedy.jsonl").stat().st_mtime_ns
-    again, folder2 = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
+    again, [folder2] = D.self_distillation_set(tiny_base, prompts, cfg, cache_dir=str(tmp_path), progress=False)
     assert folder2 == folder and again == rows and (folder / "greedy.jsonl").stat().st_mtime_ns == stamp
     # more samples extend the cached set: the first sampled answers stay, only the new variant is generated
     more = cfg.copy()
     more.samples = 2
-    extended, folder4 = D.self_distillation_set(tiny_base, prompts, more, cache_dir=str(tmp_path), progress=False)
+    extended, [folder4] = D.self_distillation_set(tiny_base, prompts, more, cache_dir=str(tmp_path), progress=False)
     assert folder4 == folder and len(extended) == 18 and (folder / "greedy.jsonl").stat().st_mtime_ns == stamp
     assert [r for r in extended if r["sample"] < 1] == rows
     assert sorted(p.name for p in folder.iterdir()) == ["greedy.jsonl", "meta.json", "sample-000.jsonl", "sample-001.jsonl"]
     changed = cfg.copy()
     changed.max_new_tokens = 5
-    _, folder3 = D.self_distillation_set(tiny_base, prompts, changed, cache_dir=str(tmp_path), progress=False)
+    _, [folder3] = D.self_distillation_set(tiny_base, prompts, changed, cache_dir=str(tmp_path), progress=False)
     assert folder3 != folder
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    # two sources: the first one's answers come from its cache, the second gets a folder of its own
+    extra = [{"id": "x0", "turns": ["another question"], "source": "b.jsonl"}]
+    both, folders = D.self_distillation_set(tiny_base, [p | {"source": "a.jsonl"} for p in prompts] + extra, cfg,
+                                            cache_dir=str(tmp_path), progress=False)
+    assert folders[0] == folder and folders[1] != folder and (folder / "greedy.jsonl").stat().st_mtime_ns == stamp
+    assert [r for r in both if r["id"] != "x0"] == rows and len(both) == len(rows) + 2
 
 
 # ---------------------------------------------------------------- the job, in process

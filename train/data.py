@@ -76,7 +76,8 @@ def load_prompts(source, *, split: str = "train", field: str = "turns", limit: i
     """A JSONL file, "default", a `datasets` path (local folder / hub id), or a list of them (concatenated)
     -> [{id, category, turns}]."""
     if isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig":
-        rows = [r for s in source for r in _prompts_of(s, split, field)]
+        # each row remembers its source: the answers are cached per source, so adding one generates only its own
+        rows = [r | {"source": str(s)} for s in source for r in _prompts_of(s, split, field)]
     else:
         rows = _prompts_of(source, split, field)
     ids = [r["id"] for r in rows]
@@ -147,6 +148,7 @@ def heldout_ids(prompts: list[dict], fraction: float, seed: int) -> set[str]:
 
 
 def cache_key(base, prompts: list[dict], gen: dict) -> str:
+    prompts = [{k: v for k, v in p.items() if k != "source"} for p in prompts]
     payload = json.dumps({"v": CACHE_VERSION, "model": base.name, "folder": str(base.folder),
                           "config": base.config.to_diff_dict() | {"model_type": base.config.model_type},
                           "prompts": prompts, "gen": gen}, sort_keys=True, default=str)
@@ -334,37 +336,51 @@ def _gen_settings(cfg) -> dict:
 
 
 def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | None = None, rank: int = 0,
-                          world: int = 1, barrier=lambda: None, progress: bool = True, gen_base=None) -> tuple[list[dict], Path]:
-    """The greedy answers and `samples` sampled answers per prompt turn for (model, prompts, settings).
+                          world: int = 1, barrier=lambda: None, progress: bool = True,
+                          gen_base=None) -> tuple[list[dict], list[Path]]:
+    """The greedy answers and `samples` sampled answers per prompt turn for (model, prompts, settings), and the
+    cache folders they are in: one per prompt source (`load_prompts` of a list tags each row with its source),
+    so adding a source generates only its answers.
 
-    Each variant (greedy, sample 0, sample 1, ...) is cached in its own file under one folder, written once
-    (ranks share the work): asking for more samples later generates only the new ones."""
+    Each variant (greedy, sample 0, sample 1, ...) is cached in its own file, written once (ranks share the
+    work): asking for more samples later generates only the new ones."""
     gen = _gen_settings(cfg)
-    key = cache_key(base, prompts, {k: v for k, v in gen.items() if k not in ("batch_size", "samples")})
-    folder = Path(cache_dir or cache_root() / "data") / key
     order = {p["id"]: i for i, p in enumerate(prompts)}
-    rows = []
-    for sample in [None] + list(range(gen["samples"])):
-        done = folder / ("greedy.jsonl" if sample is None else f"sample-{sample:03d}.jsonl")
-        if not done.exists():
-            mine = generate_responses(gen_base or base, prompts, gen, sample=sample, rank=rank, world=world,
-                                      progress=progress)
-            parts = folder / f".parts-{done.stem}"
-            parts.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(parts / f"rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in mine))
-            barrier()
-            if rank == 0:
-                merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
-                merged.sort(key=lambda r: (order[r["id"]], r["turn"]))
-                atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in merged))
-                variants = sorted(p.name for p in folder.glob("*.jsonl"))
-                atomic_write_json(folder / "meta.json", {"model": base.name, "prompts": len(prompts), "variants": variants,
-                                                         "gen": {k: v for k, v in gen.items() if k != "samples"}})
-                shutil.rmtree(parts, ignore_errors=True)
-            barrier()
-        rows += [json.loads(line) for line in done.read_text().splitlines()]
+    sources: dict[str, list[dict]] = {}
+    for p in prompts:
+        sources.setdefault(p.get("source", ""), []).append(p)
+    rows, folders = [], []
+    for group in sources.values():
+        key = cache_key(base, group, {k: v for k, v in gen.items() if k not in ("batch_size", "samples")})
+        folder = Path(cache_dir or cache_root() / "data") / key
+        for sample in [None] + list(range(gen["samples"])):
+            rows += _cached_variant(base, gen_base or base, group, gen, folder, sample, order, rank=rank, world=world,
+                                    barrier=barrier, progress=progress)
+        folders.append(folder)
     rows.sort(key=lambda r: (order[r["id"]], r["turn"], r["sampled"], r["sample"]))
-    return rows, folder
+    return rows, folders
+
+
+def _cached_variant(base, gen_base, prompts, gen, folder: Path, sample: int | None, order: dict, *, rank: int,
+                    world: int, barrier, progress: bool) -> list[dict]:
+    """One variant's answers from its file in `folder`, generated first if it is not there."""
+    done = folder / ("greedy.jsonl" if sample is None else f"sample-{sample:03d}.jsonl")
+    if not done.exists():
+        mine = generate_responses(gen_base, prompts, gen, sample=sample, rank=rank, world=world, progress=progress)
+        parts = folder / f".parts-{done.stem}"
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(parts / f"rank{rank}.jsonl", "".join(json.dumps(r) + "\n" for r in mine))
+        barrier()
+        if rank == 0:
+            merged = [json.loads(line) for r in range(world) for line in (parts / f"rank{r}.jsonl").read_text().splitlines()]
+            merged.sort(key=lambda r: (order[r["id"]], r["turn"]))
+            atomic_write_text(done, "".join(json.dumps(r) + "\n" for r in merged))
+            variants = sorted(p.name for p in folder.glob("*.jsonl"))
+            atomic_write_json(folder / "meta.json", {"model": base.name, "prompts": len(prompts), "variants": variants,
+                                                     "gen": {k: v for k, v in gen.items() if k != "samples"}})
+            shutil.rmtree(parts, ignore_errors=True)
+        barrier()
+    return [json.loads(line) for line in done.read_text().splitlines()]
 
 
 def to_examples(rows: list[dict]) -> list[Example]:

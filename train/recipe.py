@@ -175,7 +175,7 @@ class DistillRecipe:
             load_base(cfg.model, dtype=cfg.data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
         gen_base.set_runtime(compile=cfg.data.gen_compile)
         t_gen = time.time()
-        rows, self.data_dir = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
+        rows, self.data_dirs = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
                                                       rank=self.rank, world=self.world, barrier=barrier,
                                                       progress=self.main, gen_base=gen_base)
         self.gen_seconds = time.time() - t_gen
@@ -364,7 +364,7 @@ class DistillRecipe:
         untrained = (self.untrained or {}).get(f"L{exit_layer}", {}).get("top1")
         metadata = {
             "training": {"data": {"prompts": _prompt_sources(cfg.data.prompts), "num_prompts": len(self.prompts),
-                                  "examples": len(self.train_set), "cache": str(self.data_dir),
+                                  "examples": len(self.train_set), "cache": [str(d) for d in self.data_dirs],
                                   "generation": D._gen_settings(cfg.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
                          "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(cfg.matmul_dtype),
