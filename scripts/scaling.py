@@ -31,25 +31,29 @@ from heads.files import atomic_write_text  # noqa: E402
 TARGETS = {15: 0.50, 20: 0.60}  # issue 13's targets for SmolLM2's layers 15 and 20
 
 
-def read_run(folder: Path) -> list[dict]:
-    """One row per head of a finished run, with its held-out curve (train seconds, α) if it logged one."""
+def read_run(folder: Path, source: str = "default") -> list[dict]:
+    """One row per head of a finished run, with its held-out curve (train seconds, α) if it logged one. A run on
+    several prompt sources is scored on the held-out prompts of `source` alone where it recorded them."""
     path = folder / "metrics.json"
     if not path.is_file():
         raise UserError(f"{folder} has no metrics.json: pass the out_dir of a finished `python -m train` run")
     result = json.loads(path.read_text())
-    heads = result.get("heads") or [{k: result.get(k) for k in ("exit_layer", "head_path", "heldout_top1")}]
+    heads = result.get("heads") or [result]
     log = folder / "metrics.jsonl"
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     rows = []
     for h in heads:
         config = json.loads((Path(h["head_path"]) / "config.json").read_text())
         training = config.get("metadata", {}).get("training", {})
+        alpha, scored_on = h["heldout_top1"], "all"
         key = f"heldout/L{h['exit_layer']}/top1"
+        if source in h.get("heldout_top1_by_source", {}):
+            alpha, scored_on, key = h["heldout_top1_by_source"][source], source, f"{key}/{source}"
         curve = [(r["train_seconds"], r[key]) for r in lines if key in r]
-        curve.append((result["train_seconds"], h["heldout_top1"]))
+        curve.append((result["train_seconds"], alpha))
         rows.append({"run": folder.name, "exit_layer": h["exit_layer"], "head": result["head"],
                      "cost": head_cost(Path(h["head_path"]), config.get("base_config", {})),
-                     "alpha": h["heldout_top1"], "answers": result["train_examples"],
+                     "alpha": alpha, "scored_on": scored_on, "answers": result["train_examples"],
                      "positions": result.get("train_positions"), "epochs": training.get("epochs"),
                      "samples": training.get("data", {}).get("generation", {}).get("samples"),
                      "prompts": training.get("data", {}).get("num_prompts"), "steps": result["steps"],
@@ -99,14 +103,14 @@ def report(rows: list[dict]) -> str:
            "α = top-1 agreement of the head with the full model on the greedy answers to the held-out prompts.",
            "Seconds are wall time of the run's generation, frozen-base forward and training. Head cost: its weights in",
            "units of one base layer's (a draft runs layers [0, E), the head and the LM head).", "",
-           "| run | exit layer | head | head cost | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | exit layer | head | head cost | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α | held out |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (layer, head), group in _groups(rows).items():
         for r in group:
             cost = f"{r['cost']:.2f}" if r["cost"] is not None else ""
             out.append(f"| {r['run']} | {layer} | {head} | {cost} | {r['prompts']} | {r['samples']} | {r['answers']} | "
                        f"{r['positions'] or ''} | {r['epochs']} | {r['steps']} | {r['generate_s']:.0f} | "
-                       f"{r['forward_s']:.0f} | {r['train_s']:.0f} | **{r['alpha']:.3f}** |")
+                       f"{r['forward_s']:.0f} | {r['train_s']:.0f} | **{r['alpha']:.3f}** | {r['scored_on']} |")
     out += ["", "## Fit α = a + b·log2(answers)", ""]
     for (layer, head), group in _groups(rows).items():
         fit = log_fit(group)
@@ -164,9 +168,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--source", default="default", help="score runs on several prompt sources on this one's held-out "
+                    "prompts (default: default), so every run is scored on the same prompts")
     args = ap.parse_args(argv)
     try:
-        rows = [r for folder in args.runs for r in read_run(folder)]
+        rows = [r for folder in args.runs for r in read_run(folder, args.source)]
         out = args.out or args.runs[0].resolve().parent
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "scaling.md", report(rows))

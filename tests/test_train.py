@@ -226,6 +226,20 @@ def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, p
     assert result["train_positions"] > result["train_examples"]
 
 
+def test_several_prompt_sources_are_also_scored_each_on_its_own(tiny_model_dir, prompt_file, tmp_path):
+    other = _write(tmp_path / "other.jsonl", [json.dumps({"id": f"o{i}", "turns": [f"Name a colour ({i})."]})
+                                              for i in range(8)])
+    result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                             f"data.prompts=[{prompt_file},{other}]", "max_steps=4", "eval_every=2"))
+    by_source = result["heldout_top1_by_source"]
+    assert set(by_source) == {prompt_file, other} and all(0 <= a <= 1 for a in by_source.values())
+    # the whole held-out set is the two sources' positions together
+    lo, hi = min(by_source.values()), max(by_source.values())
+    assert lo - 1e-9 <= result["heldout_top1"] <= hi + 1e-9
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(f"heldout/L3/top1/{other}" in r for r in lines)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["exit_layer=6"], "outside 1..5"),
     (["exit_layers=[0,3]"], "outside 1..5"),

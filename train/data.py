@@ -86,6 +86,12 @@ def load_prompts(source, *, split: str = "train", field: str = "turns", limit: i
     return rows[:limit] if limit else rows
 
 
+def source_names(source) -> str | list[str]:
+    """data.prompts as JSON: a name, or a list of names."""
+    return [str(x) for x in source] if isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig" \
+        else str(source)
+
+
 def _prompts_of(source: str, split: str, field: str) -> list[dict]:
     if source in (None, "", "default"):
         if not DEFAULT_PROMPTS.exists():

@@ -101,3 +101,14 @@ def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, ba
     means = (sums / max(1, positions)).tolist()
     return {name: {"top1": m[0], "expected_acceptance": m[1], "positions": positions}
             for name, m in zip(model.heads, means)}
+
+
+def evaluate_by_source(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, batch_size: int,
+                       source_of: dict) -> dict:
+    """With several prompt sources, `evaluate` on each source's held-out prompts alone ({} with one): a larger
+    prompt set is then still scored on the held-out prompts of the smaller one (comparable α)."""
+    sources = list(dict.fromkeys(source_of.values()))
+    if len(sources) < 2:
+        return {}
+    subsets = {s: [(i, e) for i, e in keyed if source_of[e.prompt_id] == s] for s in sources}
+    return {s: evaluate(model, base, source, subset, exit_layers, batch_size) for s, subset in subsets.items() if subset}

@@ -36,8 +36,9 @@ from train.checkpoint import (check_heads_match, metrics_lines_upto, resume_fold
                               save_checkpoint)
 from train.distributed import barrier, broadcast, init_distributed, reduce_mean, train_device
 from train.features import FeatureSource, collate
-from train.head_set import HeadSet, evaluate, head_metrics, warm_start
+from train.head_set import HeadSet, evaluate, evaluate_by_source, head_metrics, warm_start
 from train.losses import TeacherView, distill_loss
+from train.run_log import append_jsonl, wandb_run
 
 
 # ---------------------------------------------------------------- config checks
@@ -73,11 +74,6 @@ def check_out_dir(out_dir: str) -> Path:
     return path
 
 
-def _prompt_sources(prompts):
-    """data.prompts as JSON: a name or a list of names."""
-    return [str(p) for p in prompts] if OmegaConf.is_list(prompts) or isinstance(prompts, list) else str(prompts)
-
-
 # ---------------------------------------------------------------- schedule and logging
 
 
@@ -91,25 +87,6 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
-
-
-def _wandb_run(cfg, out_dir: Path, resolved: dict):
-    if not cfg.wandb.enabled:
-        return None
-    import wandb
-
-    mode = cfg.wandb.mode or os.environ.get("WANDB_MODE")
-    if not mode:
-        netrc = Path.home() / ".netrc"
-        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-        mode = "online" if has_key else "offline"
-    if mode == "disabled":
-        return None
-    id_file = out_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
-    return wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name, mode=mode,
-                      dir=str(out_dir), config=resolved, id=run_id, resume="allow")
 
 
 # ---------------------------------------------------------------- the recipe
@@ -232,7 +209,7 @@ class DistillRecipe:
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        self.run = _wandb_run(self.cfg, self.out_dir, resolved) if self.main else None
+        self.run = wandb_run(self.cfg, self.out_dir, resolved) if self.main else None
 
     def _setup_features(self) -> None:
         """The frozen base's states for this rank's shard (kept if `cache_features`) and, on rank 0, the held-out
@@ -248,8 +225,13 @@ class DistillRecipe:
             self.eval_source.precompute(self.eval_set, progress=True)
         self.untrained = self._evaluate(self.model) if self.main and self.eval_set and self.step == 0 else None
 
-    def _evaluate(self, model: HeadSet) -> dict:
-        return evaluate(model, self.base, self.eval_source, self.eval_set, self.exit_layers, self.cfg.forward_batch_size)
+    def _evaluate(self, model: HeadSet, keyed=None) -> dict:
+        keyed = self.eval_set if keyed is None else keyed
+        return evaluate(model, self.base, self.eval_source, keyed, self.exit_layers, self.cfg.forward_batch_size)
+
+    def _evaluate_by_source(self, model: HeadSet) -> dict:
+        return evaluate_by_source(model, self.base, self.eval_source, self.eval_set, self.exit_layers,
+                                  self.cfg.forward_batch_size, {p["id"]: p.get("source") for p in self.prompts})
 
     def _batch_at(self, step: int):
         """The epoch and this rank's batch at `step`: a fixed shuffle per (seed, epoch, rank), so a resumed run
@@ -299,12 +281,14 @@ class DistillRecipe:
             if self.main and self.eval_set:
                 module.eval()
                 heldout = self._evaluate(module)
+                by_source = self._evaluate_by_source(module)
                 module.train()
                 record = {"step": step, "train_seconds": round(train_seconds, 1)}
                 record |= {f"heldout/{name}/{k}": v for name, m in heldout.items()
                            for k, v in m.items() if k != "positions"}
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                record |= {f"heldout/{name}/top1/{source}": m["top1"] for source, per_head in by_source.items()
+                           for name, m in per_head.items()}
+                append_jsonl(self.metrics_path, record)
                 if self.run:
                     self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         barrier()
@@ -323,8 +307,7 @@ class DistillRecipe:
         if len(self.exit_layers) > 1:
             for n, row in zip(names, stats):
                 record |= {f"{n}/loss": row[0], f"{n}/top1": row[1], f"{n}/expected_acceptance": row[2]}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.metrics_path, record)
         if self.run:
             self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.3f}",
@@ -347,7 +330,10 @@ class DistillRecipe:
         model.load_state_dict(state)
         model.eval()
         heldout = self._evaluate(model) if self.eval_set else {}
-        per_head = [self._save_head(model.heads[f"L{e}"], e, heldout.get(f"L{e}", {})) for e in self.exit_layers]
+        by_source = self._evaluate_by_source(model) if self.eval_set else {}
+        per_head = [self._save_head(model.heads[f"L{e}"], e, heldout.get(f"L{e}", {}),
+                                    {s: m[f"L{e}"]["top1"] for s, m in by_source.items()})
+                    for e in self.exit_layers]
         result = self._result(per_head, heldout)
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(result, indent=2))
         if self.run:
@@ -358,12 +344,12 @@ class DistillRecipe:
                                              h["heldout_expected_acceptance"]})
         return result
 
-    def _save_head(self, head, exit_layer: int, metrics: dict) -> dict:
+    def _save_head(self, head, exit_layer: int, metrics: dict, top1_by_source: dict) -> dict:
         """The head's folder, its training settings and held-out metrics in its config; its line of the result."""
         cfg = self.cfg
         untrained = (self.untrained or {}).get(f"L{exit_layer}", {}).get("top1")
         metadata = {
-            "training": {"data": {"prompts": _prompt_sources(cfg.data.prompts), "num_prompts": len(self.prompts),
+            "training": {"data": {"prompts": D.source_names(cfg.data.prompts), "num_prompts": len(self.prompts),
                                   "examples": len(self.train_set), "cache": [str(d) for d in self.data_dirs],
                                   "generation": D._gen_settings(cfg.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
@@ -371,7 +357,8 @@ class DistillRecipe:
                          "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(cfg.dtype),
                          "seed": cfg.seed},
             "heldout": {"top1": metrics.get("top1"), "expected_acceptance": metrics.get("expected_acceptance"),
-                        "positions": metrics.get("positions"), "untrained_top1": untrained},
+                        "positions": metrics.get("positions"), "untrained_top1": untrained}
+                       | ({"top1_by_source": top1_by_source} if top1_by_source else {}),
         }
         head.metadata = metadata
         head._hub_mixin_config["metadata"] = metadata  # what save_pretrained writes to config.json
@@ -379,7 +366,8 @@ class DistillRecipe:
         with atomic_folder(folder) as tmp:
             head.save_pretrained(tmp)
         return {"exit_layer": exit_layer, "head_path": str(folder), "heldout_top1": metrics.get("top1"),
-                "heldout_expected_acceptance": metrics.get("expected_acceptance"), "heldout_top1_untrained": untrained}
+                "heldout_expected_acceptance": metrics.get("expected_acceptance"), "heldout_top1_untrained": untrained} \
+            | ({"heldout_top1_by_source": top1_by_source} if top1_by_source else {})
 
     def _result(self, per_head: list[dict], heldout: dict) -> dict:
         """metrics.json: the head(s) first (one head: flat fields; several: lists and `heads`), then the run."""
@@ -395,10 +383,7 @@ class DistillRecipe:
                   "gen_dtype": str(cfg.data.gen_dtype), "gen_compile": bool(cfg.data.gen_compile),
                   "threads": torch.get_num_threads()}
         if len(per_head) == 1:
-            h = per_head[0]
-            return {"head_path": h["head_path"], "exit_layer": h["exit_layer"], "heldout_top1": h["heldout_top1"],
-                    "heldout_expected_acceptance": h["heldout_expected_acceptance"],
-                    "heldout_top1_untrained": h["heldout_top1_untrained"]} | result
+            return per_head[0] | result
         return {"head_paths": [h["head_path"] for h in per_head], "exit_layers": self.exit_layers,
                 "heldout_top1": [h["heldout_top1"] for h in per_head],
                 "heldout_expected_acceptance": [h["heldout_expected_acceptance"] for h in per_head],
