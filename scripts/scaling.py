@@ -101,7 +101,8 @@ def _groups(rows):
 def report(rows: list[dict]) -> str:
     out = ["# Held-out α against data and compute", "",
            "α = top-1 agreement of the head with the full model on the greedy answers to the held-out prompts.",
-           "Seconds are wall time of the run's generation, frozen-base forward and training. Head cost: its weights in",
+           "Seconds are wall time of the run's own generation (0 where it reused cached answers), frozen-base forward and",
+           "training. Head cost: its weights in",
            "units of one base layer's (a draft runs layers [0, E), the head and the LM head).", "",
            "| run | exit layer | head | head cost | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α | held out |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
