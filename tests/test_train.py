@@ -341,3 +341,19 @@ def test_short_smollm2_run_beats_the_untrained_head(tmp_path):
     assert 0 < result["heldout_expected_acceptance"] <= 1
     head = load_head(result["head_path"])
     assert head.exit_layer == 15 and head.metadata["heldout"]["top1"] == pytest.approx(result["heldout_top1"])
+
+
+def test_prompts_from_a_datasets_folder(tmp_path):
+    import datasets
+
+    rows = [{"id": "a", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "what is 2+2?"}]}]
+    folder = tmp_path / "chats"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    prompts = D.load_prompts(str(folder), field="messages")
+    assert [(p["id"], p["turns"]) for p in prompts] == [("a", ["hi", "and?"]), ("b", ["what is 2+2?"])]
+    with pytest.raises(UserError, match="no column 'turns'"):
+        D.load_prompts(str(folder))
+    both = D.load_prompts([str(folder), "default"], field="messages")  # a dataset beside the project's own set
+    assert len(both) == 2 + 378 and both[0]["source"] == str(folder)
