@@ -92,9 +92,10 @@ def log_fit(rows: list[dict]) -> tuple[float, float] | None:
 
 
 def _groups(rows):
+    """Series: runs of one exit layer and head type on one prompt set (more data = more answers per prompt)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["exit_layer"], r["head"]), []).append(r)
+        groups.setdefault((r["exit_layer"], r["head"], r["prompts"]), []).append(r)
     return {k: sorted(v, key=lambda r: r["answers"]) for k, v in sorted(groups.items())}
 
 
@@ -106,19 +107,19 @@ def report(rows: list[dict]) -> str:
            "units of one base layer's (a draft runs layers [0, E), the head and the LM head).", "",
            "| run | exit layer | head | head cost | prompts | samples | answers | positions | epochs | steps | generate s | forward s | train s | α | held out |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (layer, head), group in _groups(rows).items():
+    for (layer, head, _), group in _groups(rows).items():
         for r in group:
             cost = f"{r['cost']:.2f}" if r["cost"] is not None else ""
             out.append(f"| {r['run']} | {layer} | {head} | {cost} | {r['prompts']} | {r['samples']} | {r['answers']} | "
                        f"{r['positions'] or ''} | {r['epochs']} | {r['steps']} | {r['generate_s']:.0f} | "
                        f"{r['forward_s']:.0f} | {r['train_s']:.0f} | **{r['alpha']:.3f}** | {r['scored_on']} |")
-    out += ["", "## Fit α = a + b·log2(answers)", ""]
-    for (layer, head), group in _groups(rows).items():
+    out += ["", "## Fit α = a + b·log2(answers), per exit layer, head and prompt set", ""]
+    for (layer, head, prompts), group in _groups(rows).items():
         fit = log_fit(group)
         if fit is None:
             continue
         a, b = fit
-        line = f"- layer {layer}, {head}: b = {b:+.3f} per doubling of the answers"
+        line = f"- layer {layer}, {head}, {prompts} prompts: b = {b:+.3f} per doubling of the answers"
         target = TARGETS.get(layer)
         if target is not None and b > 0:
             need = 2 ** ((target - a) / b)
@@ -131,9 +132,13 @@ def report(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (layer, head), group in _groups(rows).items():
+    colors, markers = {}, {}  # a colour per (layer, head), a marker per prompt set
+    for (layer, head, prompts), group in _groups(rows).items():
         x = [r["answers"] for r in group]
-        line, = ax.plot(x, [r["alpha"] for r in group], "o-", label=f"layer {layer}, {head} head")
+        color = colors.setdefault((layer, head), f"C{len(colors)}")
+        marker = markers.setdefault(prompts, "osD^v"[len(markers) % 5])
+        line, = ax.plot(x, [r["alpha"] for r in group], marker + "-", color=color,
+                        label=f"layer {layer}, {head} head, {prompts} prompts")
         fit = log_fit(group)
         if fit and len(group) > 2:
             grid = np.geomspace(min(x), max(x) * 4, 50)

@@ -29,7 +29,7 @@ def test_report_fits_alpha_per_doubling_and_says_what_the_target_takes(tmp_path)
     assert scaling.main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "scaling.md").read_text()
     assert "| s8 | 15 | mlp |  | 378 | 7 | 6400 | 640000 | 2 | 6400 |" in text and "**0.420** | all |" in text
-    assert "b = +0.030 per doubling" in text
+    assert "layer 15, mlp, 378 prompts: b = +0.030 per doubling" in text
     # 0.42 + 0.03 * log2(need / 6400) = 0.50 -> need = 6400 * 2^(8/3), about 6.3x the largest run
     assert "α 0.50 would take about 40,637 answers (6× the largest run)" in text
     rows = scaling.read_run(runs[0])
