@@ -44,8 +44,10 @@ SPECS = {"train": schema.TRAIN, "decode": schema.DECODE, "benchmark": schema.BEN
 
 
 def _wrong_type(rule: schema.Rule):
+    if rule.kind == "one_or_list":  # one item or a list of them: wrong when the item is
+        return _wrong_type(rule.item)
     return {"int": "many", "float": "lots", "bool": "maybe", "str": {"a": 1}, "choice": 7, "dtype": 32,
-            "device": 5, "list": "not-a-list", "ints": "x"}[rule.kind]
+            "device": 5, "list": "not-a-list"}[rule.kind]
 
 
 def _out_of_range(rule: schema.Rule):
@@ -59,8 +61,8 @@ def _out_of_range(rule: schema.Rule):
         return "tpu:0"
     if rule.kind == "list":
         return [] if rule.nonempty else [_out_of_range(rule.item) if _out_of_range(rule.item) is not None else {}]
-    if rule.kind == "ints":
-        return [0]
+    if rule.kind == "one_or_list":
+        return []  # an empty list is never one item or a list of them
     return None  # bool / str: no range
 
 
