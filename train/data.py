@@ -75,7 +75,7 @@ def _check_prompt(row, where: str) -> dict:
 def load_prompts(source, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
     """A JSONL file, "default", a `datasets` path (local folder / hub id), or a list of them (concatenated)
     -> [{id, category, turns}]."""
-    if isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig":
+    if _is_list(source):
         # each row remembers its source: the answers are cached per source, so adding one generates only its own
         rows = [r | {"source": str(s)} for s in source for r in _prompts_of(s, split, field)]
     else:
@@ -86,10 +86,14 @@ def load_prompts(source, *, split: str = "train", field: str = "turns", limit: i
     return rows[:limit] if limit else rows
 
 
+def _is_list(source) -> bool:
+    """data.prompts names several sources (a list, or Hydra's ListConfig of one)."""
+    return isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig"
+
+
 def source_names(source) -> str | list[str]:
     """data.prompts as JSON: a name, or a list of names."""
-    return [str(x) for x in source] if isinstance(source, (list, tuple)) or type(source).__name__ == "ListConfig" \
-        else str(source)
+    return [str(x) for x in source] if _is_list(source) else str(source)
 
 
 def _prompts_of(source: str, split: str, field: str) -> list[dict]:

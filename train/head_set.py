@@ -104,11 +104,17 @@ def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, ba
 
 
 def evaluate_by_source(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, batch_size: int,
-                       source_of: dict) -> dict:
-    """With several prompt sources, `evaluate` on each source's held-out prompts alone ({} with one): a larger
-    prompt set is then still scored on the held-out prompts of the smaller one (comparable α)."""
-    sources = list(dict.fromkeys(source_of.values()))
-    if len(sources) < 2:
-        return {}
-    subsets = {s: [(i, e) for i, e in keyed if source_of[e.prompt_id] == s] for s in sources}
-    return {s: evaluate(model, base, source, subset, exit_layers, batch_size) for s, subset in subsets.items() if subset}
+                       source_of: dict) -> tuple[dict, dict]:
+    """`evaluate` on the whole held-out set, and with several prompt sources on each source's held-out prompts
+    alone ({} with one): a larger prompt set is then still scored on the held-out prompts of the smaller one
+    (comparable α). The whole set's metrics are the sources' weighted by positions: no position is scored twice."""
+    if len(set(source_of.values())) < 2:
+        return evaluate(model, base, source, keyed, exit_layers, batch_size), {}
+    subsets = {s: [(i, e) for i, e in keyed if source_of[e.prompt_id] == s] for s in dict.fromkeys(source_of.values())}
+    by_source = {s: evaluate(model, base, source, subset, exit_layers, batch_size)
+                 for s, subset in subsets.items() if subset}
+    total = sum(next(iter(m.values()))["positions"] for m in by_source.values())
+    whole = {name: {k: sum(m[name][k] * m[name]["positions"] for m in by_source.values()) / total
+                    for k in ("top1", "expected_acceptance")} | {"positions": total}
+             for name in next(iter(by_source.values()))}
+    return whole, by_source

@@ -36,7 +36,7 @@ from train.checkpoint import (check_heads_match, metrics_lines_upto, resume_fold
                               save_checkpoint)
 from train.distributed import barrier, broadcast, init_distributed, reduce_mean, train_device
 from train.features import FeatureSource, collate
-from train.head_set import HeadSet, evaluate, evaluate_by_source, head_metrics, warm_start
+from train.head_set import HeadSet, evaluate_by_source, head_metrics, warm_start
 from train.losses import TeacherView, distill_loss
 from train.run_log import append_jsonl, wandb_run
 
@@ -223,13 +223,10 @@ class DistillRecipe:
             self.source.precompute(self.shard, progress=self.main)
         if self.main:
             self.eval_source.precompute(self.eval_set, progress=True)
-        self.untrained = self._evaluate(self.model) if self.main and self.eval_set and self.step == 0 else None
+        self.untrained = self._evaluate(self.model)[0] if self.main and self.eval_set and self.step == 0 else None
 
-    def _evaluate(self, model: HeadSet, keyed=None) -> dict:
-        keyed = self.eval_set if keyed is None else keyed
-        return evaluate(model, self.base, self.eval_source, keyed, self.exit_layers, self.cfg.forward_batch_size)
-
-    def _evaluate_by_source(self, model: HeadSet) -> dict:
+    def _evaluate(self, model: HeadSet) -> tuple[dict, dict]:
+        """The held-out metrics per head, and per prompt source and head when there are several sources."""
         return evaluate_by_source(model, self.base, self.eval_source, self.eval_set, self.exit_layers,
                                   self.cfg.forward_batch_size, {p["id"]: p.get("source") for p in self.prompts})
 
@@ -280,8 +277,7 @@ class DistillRecipe:
         with deepspeed.zero.GatheredParameters(list(module.parameters())):  # every rank enters (ZeRO-3)
             if self.main and self.eval_set:
                 module.eval()
-                heldout = self._evaluate(module)
-                by_source = self._evaluate_by_source(module)
+                heldout, by_source = self._evaluate(module)
                 module.train()
                 record = {"step": step, "train_seconds": round(train_seconds, 1)}
                 record |= {f"heldout/{name}/{k}": v for name, m in heldout.items()
@@ -329,8 +325,7 @@ class DistillRecipe:
         model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden)
         model.load_state_dict(state)
         model.eval()
-        heldout = self._evaluate(model) if self.eval_set else {}
-        by_source = self._evaluate_by_source(model) if self.eval_set else {}
+        heldout, by_source = self._evaluate(model) if self.eval_set else ({}, {})
         per_head = [self._save_head(model.heads[f"L{e}"], e, heldout.get(f"L{e}", {}),
                                     {s: m[f"L{e}"]["top1"] for s, m in by_source.items()})
                     for e in self.exit_layers]
