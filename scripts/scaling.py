@@ -146,27 +146,26 @@ def plot(rows: list[dict], folder: Path) -> None:
         if layer in TARGETS:
             ax.axhline(TARGETS[layer], color=line.get_color(), lw=0.8, ls="--", alpha=0.5)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training answers (greedy + sampled)")
-    ax.set_ylabel("held-out α (top-1 agreement)")
-    ax.set_title("α against data (dotted: log-linear fit; dashed: targets)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "alpha_vs_answers.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, folder / "alpha_vs_answers.png", "training answers (greedy + sampled)",
+          "held-out α (top-1 agreement)", "α against data (dotted: log-linear fit; dashed: targets)", legend_size=8)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in sorted(rows, key=lambda r: (r["exit_layer"], r["answers"])):
         t, a = zip(*r["curve"])
         ax.plot(np.array(t) / 60, a, "o-" if len(t) > 1 else "o", ms=3,
                 label=f"L{r['exit_layer']} {r['head']}, {r['answers']} answers, {r['epochs']} epochs")
-    ax.set_xlabel("training minutes (frozen forward and generation not included)")
-    ax.set_ylabel("held-out α")
-    ax.set_title("α against training time")
+    _save(fig, ax, folder / "alpha_vs_time.png", "training minutes (frozen forward and generation not included)",
+          "held-out α", "α against training time", legend_size=7)
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(folder / "alpha_vs_time.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
