@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
         if rank:  # a verify stage: serve until rank 0 says stop
             import torch.distributed as dist
 
-            from decode.decoder import resolve_base_model, resolve_device
+            from decode.decoder import padded_rows, resolve_base_model, resolve_device
             from decode.evaluate import wants_batch_invariant
             from decode.stage import StageSpec, serve_torchrun
             from heads.base import resolve_model_path
@@ -56,9 +56,10 @@ def main(cfg: DictConfig) -> None:
             cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
             model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
             threads = process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            compile, batch_invariant = resolve_compile(cfg.compile, device, quiet=True), wants_batch_invariant(cfg)
             serve_torchrun(StageSpec(model_path=model_path, dtype=cfg.dtype, device=device, threads=threads,
-                                     worker_timeout_s=3600.0, batch_invariant=wants_batch_invariant(cfg),
-                                     compile=resolve_compile(cfg.compile, device, quiet=True)))
+                                     worker_timeout_s=3600.0, batch_invariant=batch_invariant, compile=compile,
+                                     rows=padded_rows(compile, batch_invariant, cfg.gamma)))
             dist.destroy_process_group()
             return
         from hydra.core.hydra_config import HydraConfig

@@ -7,6 +7,7 @@ accepts a draft iff it equals the model's argmax, so one code path serves both.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ import torch
 
 from decode.measure import acceptance, figures
 from heads.errors import UserError
+from heads.runtime import MAX_COMPILED_POSITIONS
 
 
 @dataclass
@@ -158,8 +160,21 @@ def lower_step(base, lower, token_ids: torch.Tensor, start: int) -> tuple[torch.
 
 
 def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with_logits: bool = True):
-    """Exit head on h_E, then the draft logits of the last position (None: only keep the head's cache in step)."""
-    out = head_hidden(base, head, hidden, pos, lower.cache)
+    """Exit head on h_E, then the draft logits of the last position (None: only keep the head's cache in step).
+    On a compiled runtime head + final norm + LM head are one captured step, like the layers before them."""
+    if not (with_logits or head.needs_cache):
+        return None  # an MLP head keeps no state between positions
+    runtime = lower.runtime
+    if not (runtime.compile and hidden.shape[1] <= MAX_COMPILED_POSITIONS):
+        return _head_logits(base, head, hidden, pos, lower.cache, with_logits)
+    step = runtime.compiled(("head", id(head), with_logits), functools.partial(_head_logits, base, head,
+                                                                               with_logits=with_logits))
+    key = ("head", id(head), with_logits, hidden.shape[1], getattr(lower.cache, "max_len", 0))
+    return runtime.call(key, step, hidden, pos, lower.cache)
+
+
+def _head_logits(base, head, hidden, pos, cache, with_logits: bool):
+    out = head_hidden(base, head, hidden, pos, cache)
     return base.logits(out[:, -1:])[0, -1] if with_logits else None
 
 

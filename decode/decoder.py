@@ -80,6 +80,12 @@ def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: 
     return {"threads": threads, "stage_threads": stage_threads, "measured_ms": measured}
 
 
+def padded_rows(compile: bool, batch_invariant: bool, gamma: int) -> int:
+    """The fixed position count of batch-invariant compiled steps: EESD's longest verify pass, γ + 1 (every
+    method on a base, and every PPSD stage, must use the same)."""
+    return gamma + 1 if compile and batch_invariant else 0
+
+
 class Decoder:
     """One method (ar | eesd | ppsd) bound to a base model and (for eesd/ppsd) an exit head."""
 
@@ -106,8 +112,9 @@ class Decoder:
                              batch_invariant=bool(batch_invariant))
         elif batch_invariant is not None and batch_invariant != base.batch_invariant:
             base.set_batch_invariant(batch_invariant)  # a shared base: every method on it computes the same way
-        if compile != base.runtime.compile:  # a shared base keeps its caches and captured graphs
-            runtime = base.set_runtime(compile=compile)
+        rows = padded_rows(compile, base.batch_invariant, gamma)
+        if compile != base.runtime.compile or rows != base.runtime.rows:  # a shared base keeps its captured graphs
+            runtime = base.set_runtime(compile=compile, rows=rows)
             if compile and not base.runtime.compile:
                 print(f"compile=true: the base runs {runtime}", flush=True)
         self.base = base
@@ -128,7 +135,8 @@ class Decoder:
                                      stage_threads=stage_threads, timeout_s=timeout_s,
                                      worker_timeout_s=worker_timeout_s, device=device,
                                      vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                                     batch_invariant=base.batch_invariant, compile=base.runtime.compile)
+                                     batch_invariant=base.batch_invariant, compile=base.runtime.compile,
+                                     rows=base.runtime.rows)
 
     @property
     def stages(self) -> int:

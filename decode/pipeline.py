@@ -113,7 +113,7 @@ class Pipeline:
     def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
                  device: str = "cpu", vocab_size: int, hidden_size: int, batch_invariant: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, rows: int = 0):
         self.layout, self.stages = layout, len(layout)
         self.last = self.stages - 1
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
@@ -122,7 +122,8 @@ class Pipeline:
         self.closed = False
         self.owns_group = spawn
         spec = StageSpec(model_path=model_path, dtype=dtype, device=device, threads=stage_threads,
-                         worker_timeout_s=worker_timeout_s, batch_invariant=batch_invariant, compile=compile)
+                         worker_timeout_s=worker_timeout_s, batch_invariant=batch_invariant, compile=compile,
+                         rows=rows)
         if spawn:
             import torch.multiprocessing as mp
 

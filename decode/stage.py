@@ -30,6 +30,7 @@ class StageSpec:
     worker_timeout_s: float = 3600.0   # the deadline on every message once it serves
     batch_invariant: bool = False
     compile: bool = False              # static caches and compiled steps (heads/runtime.py)
+    rows: int = 0                      # batch-invariant compiled steps: their fixed position count (as rank 0's)
     load_timeout_s: float = 3600.0     # torchrun: how long to wait for rank 0's layout
     layers: range | None = None        # its decoder layers (torchrun: from rank 0's LAYOUT message)
 
@@ -44,7 +45,7 @@ def serve(rank: int, world: int, spec: StageSpec) -> None:
     base = load_base(spec.model_path, dtype=spec.dtype, device=spec.device, layers=layers,
                      embedding=False, lm_head=last, batch_invariant=spec.batch_invariant)
     if spec.compile:
-        base.set_runtime(compile=True)
+        base.set_runtime(compile=True, rows=spec.rows)
     stage = base.range(layers.start, layers.stop)
     link = Link(rank, spec.worker_timeout_s)
     prev, nxt = rank - 1, rank + 1

@@ -23,7 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from heads import batch_invariant
 from heads.errors import UserError
 from heads.files import atomic_folder
-from heads.runtime import LayerRange, RuntimeSettings, StaticKV, compile_step, static_mask, supports_static
+from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
 
 DEFAULT_MODEL = "smollm2"
 
@@ -241,27 +241,28 @@ class Base:
         self.runtime = RuntimeSettings()
         self._static_caches: dict[tuple[int, int, int], StaticKV] = {}  # (start, end, rows) -> cache
 
-    def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto") -> str:
+    def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
+                    rows: int = 0) -> str:
         """Run layer ranges on compiled steps (which imply static caches), static caches alone, or eager; returns
-        a line saying which.
-        Batch-invariant kernels and sliding-window models stay eager. compile_mode auto: CUDA graphs
-        ("reduce-overhead") on a GPU, inductor's default on a CPU."""
+        a line saying which. compile_mode auto: CUDA graphs ("reduce-overhead") on a GPU, inductor's default on
+        a CPU. With batch-invariant kernels the compiled steps are padded to `rows` positions (at least the
+        longest decode step: EESD's γ + 1); without `rows`, or static without compile, they stay eager, as do
+        sliding-window models."""
         if compile_mode == "auto":
             compile_mode = "reduce-overhead" if self.device.type == "cuda" else None
         ok, why = supports_static(self.config)
+        note = ""
         if (static or compile) and not ok:
             static = compile = False
             note = f"eager ({why}: static caches are not supported)"
-        elif (static or compile) and self.batch_invariant:
+        elif (static or compile) and self.batch_invariant and not (compile and rows > 0):
             static = compile = False
-            note = "eager (batch-invariant kernels run on the eager path)"
-        else:
-            static = static or compile
-            note = ""
-        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode)
+            note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
+        static = static or compile
+        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode,
+                                       rows=rows if compile and self.batch_invariant else 0)
         self._static_caches.clear()
-        self.__dict__.pop("compiled_run_layers", None)
-        self.__dict__.pop("compiled_next_token_logits", None)
+        batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)
         return note or self.runtime.describe()
 
     def static_cache(self, start: int, end: int, max_len: int, *, rows: int = 1) -> StaticKV:
@@ -279,20 +280,15 @@ class Base:
                                  attention_mask=attention_mask)
         return self.logits(hidden[:, -1])
 
-    @functools.cached_property
-    def compiled_next_token_logits(self):
-        return compile_step(self.next_token_logits, self.runtime.compile_mode)
-
-    @functools.cached_property
-    def compiled_run_layers(self):
-        return compile_step(self.run_layers, self.runtime.compile_mode)
-
     def set_batch_invariant(self, on: bool) -> None:
-        """Decode-time kernels that give a position the same bits however many positions share the call."""
-        batch_invariant.apply(self.model, on)
+        """Decode-time kernels that give a position the same bits however many positions share the call: eager
+        kernels (heads/batch_invariant.py), or on compiled steps, every step padded to one row count."""
         self.batch_invariant = on
-        if on and self.runtime.static:  # compiled graphs hold the plain kernels: back to eager
+        runtime = self.runtime
+        if on and runtime.static and not runtime.rows:  # the plain compiled steps are not invariant: eager
             self.set_runtime()
+        else:
+            batch_invariant.apply(self.model, on, layers=not runtime.rows)
 
     @property
     def device(self) -> torch.device:
@@ -335,6 +331,19 @@ class Base:
         for layer in self.layers[start:end]:
             hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")], **kwargs)
         return hidden
+
+    def run_layers_padded(self, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):
+        """run_layers on static caches for a compiled step; with `rows`, padded to that many positions (zero hidden
+        states at the following positions), then the cache length is moved back past the real ones."""
+        pad = rows - hidden.shape[1]
+        if pad <= 0:
+            return self.run_layers(hidden, start, end, position_ids=position_ids, cache=cache)
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
+        more = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
+        out = self.run_layers(hidden, start, end, position_ids=torch.cat([position_ids, more], 1), cache=cache)
+        for layer in cache.layers[start:end]:
+            layer.cumulative_length.sub_(pad)
+        return out[:, :rows - pad]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head."""

@@ -80,15 +80,16 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def apply(model, on: bool = True) -> None:
-    """Switch a loaded causal LM's decoder layers and LM head to the batch-invariant kernels (or back)."""
-    if on:
+def apply(model, on: bool = True, *, layers: bool = True) -> None:
+    """Switch a loaded causal LM's decoder layers and LM head to the batch-invariant kernels (or back).
+    layers=False: the LM head only (compiled steps padded to one row count are invariant by their shape)."""
+    if on and layers:
         _register_attention()
-    model.config._attn_implementation = ATTENTION if on else "sdpa"
+    model.config._attn_implementation = ATTENTION if on and layers else "sdpa"
     linears = [(m, blocked_linear) for layer in model.model.layers for m in layer.modules()
                if isinstance(m, torch.nn.Linear)]
     for module, forward in linears + [(model.lm_head, rowwise_linear)]:
-        if on:
+        if on and (layers or module is model.lm_head):
             module.forward = types.MethodType(forward, module)
         else:
             module.__dict__.pop("forward", None)

@@ -6,6 +6,10 @@ Two ways to run a range, with the same layers (transformers' own modules) and th
   attention mask follows that length; with `compile`, each fixed-shape step (1 position, or k ≤ 16
   verified positions) is one `torch.compile`d graph (inductor on a CPU; CUDA graphs on a GPU), captured
   once per process. Prefill (many positions) always runs eager, on the same static cache.
+- batch-invariant (`rows`): every compiled step runs exactly `rows` positions, the real ones padded with
+  throw-away ones, so a position's bits never depend on how many positions share its call (bf16 EESD's
+  verify pass against AR's one-position steps) while every step stays a captured graph. The padding writes
+  cache slots past the real length, which no real query sees and the next real positions overwrite.
 
 The static cache of a layer range belongs to the `Base` and is reused by every `LayerRange` made for it, so
 a compiled graph sees the same buffers from one prompt to the next (a new buffer would mean a new capture).
@@ -51,11 +55,36 @@ class RuntimeSettings:
     static: bool = False
     compile: bool = False
     compile_mode: str | None = None           # torch.compile mode (None: inductor's default)
+    rows: int = 0                             # > 0: every compiled step padded to this many positions
     capture_s: float = 0.0                    # time spent compiling/capturing so far
     captured: set = field(default_factory=set)
+    functions: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        return "compiled static" if self.compile else "static" if self.static else "eager"
+        if self.compile:
+            return f"compiled static, steps padded to {self.rows} positions" if self.rows else "compiled static"
+        return "static" if self.static else "eager"
+
+    def compiled(self, name, fn):
+        """`fn` compiled for fixed shapes, once per name for this runtime."""
+        if name not in self.functions:
+            self.functions[name] = compile_step(fn, self.compile_mode)
+        return self.functions[name]
+
+    def call(self, key, fn, *args, **kwargs):
+        """Run a compiled step; the first call of a shape `key` compiles (on CUDA, records a graph) and is
+        counted as capture time."""
+        first = key not in self.captured
+        begin = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if self.compile_mode == "reduce-overhead" and out is not None:
+            out = out.clone()  # a CUDA graph's output is overwritten by its next replay; callers keep some (EESD)
+        if first:
+            if out is not None and out.device.type == "cuda":
+                torch.cuda.synchronize(out.device)
+            self.capture_s += time.perf_counter() - begin
+            self.captured.add(key)
+        return out
 
 
 def supports_static(config) -> tuple[bool, str]:
@@ -108,25 +137,18 @@ class LayerRange:
         if not self.runtime.static:
             out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
         else:
-            if self.length + count > self.cache.max_len:
-                self._grow(self.length + count)
-            if self.runtime.compile and count <= MAX_COMPILED_POSITIONS:
-                out = self._compiled(hidden, position_ids, count)
+            rows = self.runtime.rows
+            compiled = self.runtime.compile and count <= (rows or MAX_COMPILED_POSITIONS)
+            if self.length + max(count, rows if compiled else 0) > self.cache.max_len:
+                self._grow(self.length + max(count, rows))
+            if compiled:
+                key = (self.start, self.end, count, self.cache.max_len)
+                step = self.runtime.compiled("run_layers", self.base.run_layers_padded)
+                out = self.runtime.call(key, step, hidden, self.start, self.end, position_ids=position_ids,
+                                        cache=self.cache, rows=rows)
             else:
                 out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
         self.length += count
-        return out
-
-    def _compiled(self, hidden, position_ids, count: int) -> torch.Tensor:
-        key = (self.start, self.end, count, self.cache.max_len)
-        first = key not in self.runtime.captured  # the first call of a shape compiles (on CUDA, records a graph)
-        begin = time.perf_counter()
-        out = self.base.compiled_run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
-        if first:
-            if hidden.device.type == "cuda":
-                torch.cuda.synchronize(hidden.device)
-            self.runtime.capture_s += time.perf_counter() - begin
-            self.runtime.captured.add(key)
         return out
 
     @torch.inference_mode()

@@ -27,16 +27,19 @@ def test_ppsd_is_lossless_in_bf16(tmp_path):
     assert sum(g.stats["flushes"] for g in gens) > 0
 
 
-def test_eesd_is_lossless_in_bf16_on_batch_invariant_kernels():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_eesd_is_lossless_in_bf16_on_batch_invariant_kernels(compile):
     """eesd verifies up to γ + 1 positions per pass; with plain kernels bf16 rounds those rows differently
-    from ar's one-position steps (the last prompt drifted within 48 tokens here). batch_invariant=True puts
-    every method on kernels where it cannot. Oracle drafts at α = 0.9 keep the verify passes full."""
+    from ar's one-position steps (the last prompt drifted within 48 tokens here; compiled, 2 of these 5
+    prompts). batch_invariant=True puts every method on kernels where it cannot: eager, row-blocked kernels;
+    compiled, every step padded to γ + 1 positions. Oracle drafts at α = 0.9 keep the verify passes full."""
     base = load_base("smollm2", dtype="bfloat16", batch_invariant=True)
     head = build_head(base, "mlp", 8)
     texts = ("Write a short poem about the sea.", "List three uses of a binary search tree, briefly.",
              "Explain why the sky is blue to a ten-year-old.", "Translate 'good morning, my friend' into French.",
              "What is 17 times 23? Show your steps.")
-    ar, eesd = Decoder("ar", base=base), Decoder("eesd", base=base, head=head, gamma=4)
+    ar, eesd = Decoder("ar", base=base, compile=compile), Decoder("eesd", base=base, head=head, gamma=4, compile=compile)
+    assert base.runtime.rows == (5 if compile else 0)
     for i, text in enumerate(texts):
         prompt = base.encode_chat([{"role": "user", "content": text}])
         reference = ar.generate(prompt, 48).tokens

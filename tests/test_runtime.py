@@ -63,23 +63,50 @@ def test_runtime_tokens_equal_eager(tiny_model_dir, compiled):
         assert fast.runtime.capture_s > 0 and len(fast.runtime.captured) >= 2  # 1-position and verify steps
 
 
-def test_batch_invariant_kernels_run_eager(tiny_model_dir):
+def test_batch_invariant_runtime_pads_compiled_steps_or_runs_eager(tiny_model_dir):
     base = load_base(tiny_model_dir)
     base.set_runtime(static=True, compile=True)
-    base.set_batch_invariant(True)
-    assert not base.runtime.static
-    assert "eager" in base.set_runtime(static=True)
+    base.set_batch_invariant(True)  # the plain compiled steps are not invariant
+    assert not base.runtime.static and base.config._attn_implementation != "sdpa"
+    assert "eager" in base.set_runtime(static=True)  # static alone, or compiled without a row count: eager
+    assert "eager" in base.set_runtime(compile=True)
+    assert base.set_runtime(compile=True, rows=3) == "compiled static, steps padded to 3 positions"
+    assert base.config._attn_implementation == "sdpa"  # only the LM head keeps its row-by-row kernel
+    assert "forward" in base.model.lm_head.__dict__ and "forward" not in base.layers[0].mlp.down_proj.__dict__
 
 
-def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir):
+def test_padded_steps_give_the_unpadded_results_and_keep_the_cache_length(tiny_model_dir):
+    plain, padded = load_base(tiny_model_dir), load_base(tiny_model_dir, batch_invariant=True)
+    plain.set_runtime(compile=True)
+    padded.set_runtime(compile=True, rows=4)
+    ids = torch.randint(0, plain.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    outs = []
+    with torch.inference_mode():
+        for base in (plain, padded):
+            r = base.range(0, base.num_layers)
+            r.forward(base.embed(ids[:, :12]), positions(0, 12, "cpu"))
+            steps = [(12, 1), (13, 3), (16, 4), (20 - 4, 1)]  # the last one after a rollback to 16
+            out = []
+            for start, count in steps:
+                r.crop(start)
+                out.append(r.forward(base.embed(ids[:, start:start + count]), positions(start, count, "cpu")))
+                assert [int(layer.cumulative_length) for layer in r.cache.layers[:base.num_layers]] == \
+                    [start + count] * base.num_layers
+            outs.append(torch.cat(out, 1))
+    assert outs[1].shape == outs[0].shape and torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["plain", "padded"])
+def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir, batch_invariant):
     from decode.decoder import Decoder
 
     eager = load_base(tiny_model_dir)
     head = build_head(eager, "mlp", 2)
     prompt = list(range(5, 25))
     want = run_to_end(ar_decode(eager, prompt, 16)).tokens
-    with Decoder("ppsd", head=head, model=tiny_model_dir, stages=2, compile=True, timeout_s=600) as ppsd:
-        assert ppsd.base.runtime.compile and ppsd.pipeline is not None
+    with Decoder("ppsd", head=head, model=tiny_model_dir, stages=2, compile=True, timeout_s=600,
+                 batch_invariant=batch_invariant, gamma=3) as ppsd:
+        assert ppsd.base.runtime.compile and ppsd.base.runtime.rows == (4 if batch_invariant else 0)
         assert ppsd.generate(prompt, 16).tokens == want
 
 

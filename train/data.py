@@ -240,6 +240,7 @@ def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens
     generator = torch.Generator(device).manual_seed(seed)
     eos = torch.tensor(sorted(base.eos_token_ids), device=device)
     out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    step = base.runtime.compiled("next_token_logits", base.next_token_logits)
     with torch.inference_mode():
         columns = torch.arange(width, device=device)
         logits = base.next_token_logits(inputs, (columns - first).clamp(min=0), cache, mask(columns))
@@ -251,7 +252,7 @@ def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens
             if t + 1 == max_new_tokens or (t % 16 == 15 and bool(done.all())):
                 break
             column = torch.full((1,), width + t, device=device)
-            logits = base.compiled_next_token_logits(token[:, None], column - first, cache, mask(column))
+            logits = step(token[:, None], column - first, cache, mask(column))
     answers = []
     for row in out[:, :t + 1].tolist():
         end = next((i for i, x in enumerate(row) if x in base.eos_token_ids), len(row) - 1)
