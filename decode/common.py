@@ -165,7 +165,7 @@ def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with
     if not (with_logits or head.needs_cache):
         return None  # an MLP head keeps no state between positions
     runtime = lower.runtime
-    if not (runtime.compile and hidden.shape[1] <= MAX_COMPILED_POSITIONS):
+    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_COMPILED_POSITIONS):  # prefill: eager
         return _head_logits(base, head, hidden, pos, lower.cache, with_logits)
     step = runtime.compiled(("head", id(head), with_logits), functools.partial(_head_logits, base, head,
                                                                                with_logits=with_logits))

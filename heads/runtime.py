@@ -5,7 +5,7 @@ Two ways to run a range, with the same layers (transformers' own modules) and th
 - static: a preallocated cache (transformers' `StaticLayer`s), a rollback only moves a length, and the
   attention mask follows that length; with `compile`, each fixed-shape step (1 position, or k ≤ 16
   verified positions) is one `torch.compile`d graph (inductor on a CPU; CUDA graphs on a GPU), captured
-  once per process. Prefill (many positions) always runs eager, on the same static cache.
+  once per process. Prefill (the first call after a reset) always runs eager, on the same static cache.
 - batch-invariant (`rows`): every compiled step runs exactly `rows` positions, the real ones padded with
   throw-away ones, so a position's bits never depend on how many positions share its call (bf16 EESD's
   verify pass against AR's one-position steps) while every step stays a captured graph. The padding writes
@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, StaticLayer
 
-# Steps of at most this many positions run compiled; longer ones (prefill) run eager.
+# Decode steps of at most this many positions run compiled; longer ones run eager.
 MAX_COMPILED_POSITIONS = 16
 MIN_CACHE_LEN = 256
 
@@ -138,7 +138,9 @@ class LayerRange:
             out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
         else:
             rows = self.runtime.rows
-            compiled = self.runtime.compile and count <= (rows or MAX_COMPILED_POSITIONS)
+            # A prefill (the first call after a reset) runs eager whatever its length: every method and stage then
+            # prefills alike, and a cache is first filled outside a graph (transformers' advice for CUDA graphs).
+            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_COMPILED_POSITIONS)
             if self.length + max(count, rows if compiled else 0) > self.cache.max_len:
                 self._grow(self.length + max(count, rows))
             if compiled:
