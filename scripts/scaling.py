@@ -51,7 +51,7 @@ def read_run(folder: Path, source: str = "default") -> list[dict]:
             alpha, scored_on, key = h["heldout_top1_by_source"][source], source, f"{key}/{source}"
         curve = [(r["train_seconds"], r[key]) for r in lines if key in r]
         curve.append((result["train_seconds"], alpha))
-        rows.append({"run": folder.name, "exit_layer": h["exit_layer"], "head": result["head"],
+        rows.append({"run": folder.name, "exit_layer": h["exit_layer"], "head": head_label(config, training),
                      "cost": head_cost(Path(h["head_path"]), config.get("base_config", {})),
                      "alpha": alpha, "scored_on": scored_on, "answers": result["train_examples"],
                      "positions": result.get("train_positions"), "epochs": training.get("epochs"),
@@ -60,6 +60,13 @@ def read_run(folder: Path, source: str = "default") -> list[dict]:
                      "generate_s": result["generate_seconds"], "forward_s": result["base_forward_seconds"],
                      "train_s": result["train_seconds"], "curve": curve})
     return rows
+
+
+def head_label(config: dict, training: dict) -> str:
+    """The head type with what tells its variants apart: an MLP head's width, a transformer head's peak rate."""
+    if config.get("head_type") == "mlp":
+        return f"mlp {config.get('mlp_hidden') or 2 * config.get('base_config', {}).get('hidden_size', 0)}"
+    return f"{config.get('head_type')} lr {training['lr']:g}" if "lr" in training else str(config.get("head_type"))
 
 
 def head_cost(head_path: Path, base_config: dict) -> float | None:
