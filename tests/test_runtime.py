@@ -145,3 +145,29 @@ def test_bf16_graphs_cut_at_a_stage_boundary_give_the_whole_range_bits(tiny_mode
         for i in range(16, 24):
             x, pos = base.embed(ids[:, i:i + 1]), positions(i, 1, "cpu")
             assert torch.equal(whole.forward(x, pos), upper.forward(lower.forward(x, pos), pos))
+
+
+def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(tiny_model_dir, tmp_path):
+    """A question longer than the caches' first size would grow them mid-run and capture new graphs inside
+    the timed answers; the warm-up grows them to the longest question first."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from decode.evaluate import run
+
+    base = load_base(tiny_model_dir)
+    build_head(base, "mlp", 2).save_pretrained(tmp_path / "head")
+    questions = [{"question_id": 1, "category": "a", "turns": ["Hi there."]},
+                 {"question_id": 2, "category": "b", "turns": ["word " * 300, "And again?"]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "decode.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key)
+    cfg = OmegaConf.merge(cfg, {"method": "eesd", "compare": ["ar"], "head_path": str(tmp_path / "head"),
+                                "model": tiny_model_dir, "prompts": str(tmp_path / "q.jsonl"), "max_new_tokens": 8,
+                                "threads": 1, "compile": True, "dtype": "float32"})
+    summary = run(cfg, tmp_path / "out")
+    assert summary["lossless"] and summary["runtime"] == "compiled static"
+    assert summary["captures_while_timing"] == 0
