@@ -138,6 +138,15 @@ class Decoder:
                                      batch_invariant=base.batch_invariant, compile=base.runtime.compile,
                                      rows=base.runtime.rows)
 
+    def warm_up(self, prompt_ids: list[int], tokens: int, longest: int = 0, **kwargs) -> None:
+        """First calls allocate and capture graphs: keep them out of the timings. On a static runtime the prompt is
+        stretched to `longest` positions (the longest sequence the timed answers reach), so every cache, the PPSD
+        stages' too, has its final size before them (a bigger cache means new graphs)."""
+        if self.base.runtime.static and longest > len(prompt_ids) + tokens:
+            prompt_ids = (prompt_ids * (longest // len(prompt_ids) + 1))[:longest - tokens]
+        if tokens > 0:
+            self.generate(prompt_ids, tokens, **kwargs)
+
     @property
     def stages(self) -> int:
         return len(self.layout) if self.layout else 1

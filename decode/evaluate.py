@@ -207,12 +207,10 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         for dec in decoders.values():  # a stage that dies during ar's or eesd's turn is an error at their next token
             dec.watched = pipelines
         if cfg.warmup:  # first calls allocate (and capture graphs); keep that out of the timings
-            prompt = first_prompt
-            if base.runtime.static:  # as long as the longest question gets: every cache (stages' too) at its final size
-                longest = longest_context(base, questions, cfg.max_new_tokens)
-                prompt = (first_prompt * (longest // len(first_prompt) + 1))[:max(len(first_prompt), longest - 8)]
+            longest = longest_context(base, questions, cfg.max_new_tokens) if base.runtime.static else 0
             for dec in decoders.values():
-                dec.generate(prompt, min(8, cfg.max_new_tokens), temperature=cfg.temperature, seed=cfg.seed)
+                dec.warm_up(first_prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
+                            seed=cfg.seed)
         captured_before = len(base.runtime.captured)
         out_dir.mkdir(parents=True, exist_ok=True)
         model_id = cfg.model_id or Path(base.name).name

@@ -74,11 +74,6 @@ def load_prompts(path: str, count: int) -> list[str]:
     return prompts[:count]
 
 
-def warm_up(decoder, prompt_ids: list[int], tokens: int) -> None:
-    if tokens > 0:
-        decoder.generate(prompt_ids, tokens, temperature=0.0)
-
-
 def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int]], references: list[list[int]],
                       threads: int = 1) -> list[float]:
     """Each stage's compute for one position with nothing else running (one process, `threads` threads),
@@ -157,6 +152,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
     base, head = load_model(cfg)
     texts = load_prompts(cfg.prompts, cfg.num_prompts)
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    longest = max(map(len, prompt_ids)) + cfg.max_new_tokens  # the warm-up's length on a static runtime
     threads = decode_threads(base, prompt_ids[0], cfg.ar_threads, cfg.stage_threads, cfg.stages)
     cfg.ar_threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
     n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device),
@@ -167,7 +163,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
           f"{cfg.stage_threads} per stage, load average {load:.2f} at start", flush=True)
 
     ar = Decoder("ar", threads=cfg.ar_threads, **common)
-    warm_up(ar, prompt_ids[0], cfg.warmup_tokens)
+    ar.warm_up(prompt_ids[0], cfg.warmup_tokens, longest)
     ar_run = timed_run(ar, "ar", prompt_ids, n)
     ar1 = Decoder("ar", threads=1, **common)
     ar1_run = timed_run(ar1, "ar_1thread", prompt_ids, n)
@@ -180,7 +176,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
               "ar_ms_per_token": t_ar / MS, "ar_1thread_ms_per_token": ar1_run.s_per_token / MS}
 
     with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, window=cfg.window, **common) as ppsd:
-        warm_up(ppsd, prompt_ids[0], cfg.warmup_tokens)
+        ppsd.warm_up(prompt_ids[0], cfg.warmup_tokens, longest)
         layout = ppsd.layout
         result["stage_layers"] = [[r.start, r.stop] for r in layout]
         alone = stage_costs_alone(base, head, layout, prompt_ids, references, cfg.stage_threads)
@@ -220,7 +216,7 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     sweep = {}
     for gamma in cfg.gammas:
         eesd = Decoder("eesd", gamma=int(gamma), threads=cfg.ar_threads, **common)
-        warm_up(eesd, prompt_ids[0], cfg.warmup_tokens)
+        eesd.warm_up(prompt_ids[0], cfg.warmup_tokens, max(map(len, prompt_ids)) + n)
         eesd_runs[int(gamma)] = run = timed_run(eesd, f"eesd γ={gamma}", prompt_ids, n)
         sweep[int(gamma)] = run
     best = min(sweep, key=lambda g: sweep[g].s_per_token)
