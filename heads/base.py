@@ -259,9 +259,7 @@ class Base:
             static = compile = False
             note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
         static = static or compile
-        # A CPU's bf16 GEMMs run faster on weights inductor has prepacked (fp32 ones did not, measured)
-        freeze = self.device.type == "cpu" and self.dtype != torch.float32
-        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode, freeze=freeze,
+        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode,
                                        rows=rows if compile and self.batch_invariant else 0)
         self._static_caches.clear()
         batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)

@@ -35,13 +35,10 @@ def cache_len_for(length: int) -> int:
     return max(MIN_CACHE_LEN, 1 << max(0, length - 1).bit_length())
 
 
-def compile_step(fn, mode: str | None, freeze: bool = False):
+def compile_step(fn, mode: str | None):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
-    a step's host time); a base's weights never change, so only the arguments are guarded. `freeze`: inductor
-    treats the weights as constants and prepacks them for its CPU GEMMs (each graph keeps its own copy)."""
+    a step's host time); a base's weights never change, so only the arguments are guarded."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if freeze:  # read when a graph is compiled (its first call), not from torch.compile's options
-        torch._inductor.config.freezing = True
     # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
     # default limit of 8 it would fall back to eager without a word.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -58,7 +55,6 @@ class RuntimeSettings:
     static: bool = False
     compile: bool = False
     compile_mode: str | None = None           # torch.compile mode (None: inductor's default)
-    freeze: bool = False                      # weights as prepacked constants (inductor's `freezing`, for CPUs)
     rows: int = 0                             # > 0: every compiled step padded to this many positions
     capture_s: float = 0.0                    # time spent compiling/capturing so far
     captured: set = field(default_factory=set)
@@ -72,7 +68,7 @@ class RuntimeSettings:
     def compiled(self, name, fn):
         """`fn` compiled for fixed shapes, once per name for this runtime."""
         if name not in self.functions:
-            self.functions[name] = compile_step(fn, self.compile_mode, self.freeze)
+            self.functions[name] = compile_step(fn, self.compile_mode)
         return self.functions[name]
 
     def call(self, key, fn, *args, **kwargs):
