@@ -260,6 +260,7 @@ class Base:
             note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
         static = static or compile
         self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode,
+                                       cpu=self.device.type == "cpu",
                                        rows=rows if compile and self.batch_invariant else 0)
         self._static_caches.clear()
         batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)

@@ -18,6 +18,7 @@ One `LayerRange` per (start, end) is live at a time: making a new one resets the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -30,15 +31,34 @@ MAX_COMPILED_POSITIONS = 16
 MIN_CACHE_LEN = 256
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run a CPU prefill on one thread. oneDNN picks its bf16 GEMM kernel by thread count for long inputs (a
+    770-row gate projection rounds differently on 1 and 2 threads; a decode step's few rows do not), and the
+    methods compared run with different counts (AR on every core, each PPSD stage on its share): one count for
+    every prefill keeps their caches, and so their greedy tokens, bit-identical."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cache_len_for(length: int) -> int:
     """Cache capacity for `length` positions: the next power of two (so a longer prompt rarely recaptures)."""
     return max(MIN_CACHE_LEN, 1 << max(0, length - 1).bit_length())
 
 
-def compile_step(fn, mode: str | None):
+def compile_step(fn, mode: str | None, cpu: bool = False):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
-    a step's host time); a base's weights never change, so only the arguments are guarded."""
+    a step's host time); a base's weights never change, so only the arguments are guarded. On a CPU inductor's
+    own kernels run on one thread: generated for N threads, a reduction (an RMSNorm's) splits its sum N ways, so
+    AR on 2 threads rounded differently in bf16 from PPSD stages on 1 (GEMMs and attention are library calls
+    that still use every thread, and their bits do not depend on the thread count)."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if cpu:
+        options["cpp.threads"] = 1
     # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
     # default limit of 8 it would fall back to eager without a word.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -55,6 +75,7 @@ class RuntimeSettings:
     static: bool = False
     compile: bool = False
     compile_mode: str | None = None           # torch.compile mode (None: inductor's default)
+    cpu: bool = False                         # the base runs on a CPU (inductor's C++ kernels)
     rows: int = 0                             # > 0: every compiled step padded to this many positions
     capture_s: float = 0.0                    # time spent compiling/capturing so far
     captured: set = field(default_factory=set)
@@ -68,7 +89,7 @@ class RuntimeSettings:
     def compiled(self, name, fn):
         """`fn` compiled for fixed shapes, once per name for this runtime."""
         if name not in self.functions:
-            self.functions[name] = compile_step(fn, self.compile_mode)
+            self.functions[name] = compile_step(fn, self.compile_mode, cpu=self.cpu)
         return self.functions[name]
 
     def call(self, key, fn, *args, **kwargs):
@@ -133,6 +154,12 @@ class LayerRange:
     @torch.inference_mode()  # one grad mode for every call: a compiled graph is captured for one
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
+        if hidden.shape[1] > MAX_COMPILED_POSITIONS and hidden.device.type == "cpu":
+            with one_thread():  # a prefill: the same bits in every process, whatever its thread count
+                return self._forward(hidden, position_ids)
+        return self._forward(hidden, position_ids)
+
+    def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         count = hidden.shape[1]
         if not self.runtime.static:
             out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)

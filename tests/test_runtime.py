@@ -171,3 +171,21 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     summary = run(cfg, tmp_path / "out")
     assert summary["lossless"] and summary["runtime"] == "compiled static"
     assert summary["captures_while_timing"] == 0
+
+
+def test_a_cpu_prefill_runs_on_one_thread_and_restores_the_count(tiny_model_dir):
+    """Every method and PPSD stage prefills on one thread (oneDNN's bf16 GEMM rounds long inputs by thread
+    count); decode steps keep the process's threads."""
+    base = load_base(tiny_model_dir)
+    seen = []
+    base.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = base.range(0, base.num_layers)
+        with torch.inference_mode():
+            r.forward(base.embed(torch.zeros(1, 40, dtype=torch.long)), positions(0, 40, "cpu"))
+            r.forward(base.embed(torch.zeros(1, 1, dtype=torch.long)), positions(40, 1, "cpu"))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
