@@ -53,9 +53,10 @@ def cache_len_for(length: int) -> int:
 def compile_step(fn, mode: str | None, cpu: bool = False):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
     a step's host time); a base's weights never change, so only the arguments are guarded. On a CPU inductor's
-    own kernels run on one thread: generated for N threads, a reduction (an RMSNorm's) splits its sum N ways, so
-    AR on 2 threads rounded differently in bf16 from PPSD stages on 1 (GEMMs and attention are library calls
-    that still use every thread, and their bits do not depend on the thread count)."""
+    own kernels (norms, rope, activations: a decode step's few rows) run on one thread, so their bits cannot
+    depend on a process's thread count (AR and the PPSD stages run with different counts). A precaution: the
+    divergence actually measured came from the prefill's GEMMs (`one_thread`); GEMMs and attention here are
+    library calls that still use every thread."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if cpu:
         options["cpp.threads"] = 1
