@@ -57,7 +57,9 @@ def compile_step(fn, mode: str | None, cpu: bool = False):
     depend on a process's thread count (AR and the PPSD stages run with different counts). A precaution: the
     divergence actually measured came from the prefill's GEMMs (`one_thread`); GEMMs and attention here are
     library calls that still use every thread."""
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    # torch.compile refuses `mode` and `options` together: a mode is its inductor options, folded in here
+    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     if cpu:
         options["cpp.threads"] = 1
     # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
@@ -66,7 +68,7 @@ def compile_step(fn, mode: str | None, cpu: bool = False):
     # Fused kernels would keep bf16 intermediates in fp32, so a graph cut at another layer (a PPSD stage
     # boundary, EESD's exit layer) would round differently from AR's whole-range graph: round as eager does.
     torch._inductor.config.emulate_precision_casts = True
-    return torch.compile(fn, mode=mode, dynamic=False, options=options)
+    return torch.compile(fn, dynamic=False, options=options)
 
 
 @dataclass

@@ -189,3 +189,12 @@ def test_a_cpu_prefill_runs_on_one_thread_and_restores_the_count(tiny_model_dir)
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_compile_step_takes_the_cuda_mode_on_a_cpu():
+    """`reduce-overhead` is the mode CUDA runs; torch.compile refuses a mode and options together, so the step must
+    fold the mode into its options (it raised at construction on every torch before)."""
+    from heads.runtime import compile_step
+
+    step = compile_step(lambda x: x * 2, "reduce-overhead", cpu=True)
+    assert torch.equal(step(torch.arange(4.0)), torch.arange(4.0) * 2)
