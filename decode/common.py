@@ -104,7 +104,16 @@ def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     if temperature <= 0:
         return int(torch.argmax(logits)), None
     q = probabilities(logits, temperature)
+    if not bool(torch.isfinite(q).all()):  # a head with NaN/Inf weights: a point-mass draft, which the verifier
+        return _point_mass(logits, q)      # judges by the same exact rule (at worst it rejects it)
     return int(torch.multinomial(q, 1, generator=generator)), q
+
+
+def _point_mass(logits: torch.Tensor, like: torch.Tensor) -> tuple[int, torch.Tensor]:
+    token = int(torch.argmax(torch.nan_to_num(logits.float(), nan=float("-inf"))))
+    q = torch.zeros_like(like)
+    q[token] = 1.0
+    return token, q
 
 
 def verify(logits: torch.Tensor, draft: int, draft_q: torch.Tensor | None, temperature: float,
@@ -123,6 +132,9 @@ def verify(logits: torch.Tensor, draft: int, draft_q: torch.Tensor | None, tempe
         draft_q = torch.zeros_like(p)
         draft_q[draft] = 1.0
     draft_q = draft_q.to(p.device)  # the last stage receives q on its communication device
+    if not bool(torch.isfinite(draft_q).all()):  # never from `choose`; a point mass keeps the rule exact
+        draft_q = torch.zeros_like(p)
+        draft_q[draft] = 1.0
     ratio = float(p[draft]) / max(float(draft_q[draft]), 1e-30)
     if float(torch.rand((), generator=generator)) < min(1.0, ratio):
         return draft, True

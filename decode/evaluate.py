@@ -23,7 +23,10 @@ import torch
 from decode.common import Generation
 from decode.measure import ar_token_s, figures, predict
 from heads.base import parse_dtype
-from heads.files import read_prompts
+from heads.errors import UserError
+from heads.files import read_prompts, run_folder, staged_files
+
+MIN_FREE_BYTES = 1 << 20  # answer files are small: a folder with less free is all but full
 
 
 def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
@@ -173,23 +176,47 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
     the summary into out_dir; return the summary (the JSON line the entry point prints)."""
-    from decode.decoder import Decoder, decode_threads, resolve_base_model, resolve_device
-    from heads import load_base
-    from heads.hardware import check_device, resolve_compile, resolve_dtype
     from heads.schema import DECODE, validate
 
     validate(cfg, DECODE)  # as train() does: a caller from Python gets the command's checks too
-    methods = methods_of(cfg)
     if cfg.prompt is not None:
         questions = [{"question_id": 0, "category": "prompt", "turns": [str(cfg.prompt)]}]
     else:
         questions = read_prompts(cfg.prompts, cfg.limit)
+    # The run owns out_dir (a second run into it refuses), checked writable before any model loads.
+    # Answers stream into temporary files, renamed into place with summary.json only when the run succeeds:
+    # a failed run leaves the previous run's files as they were.
+    with run_folder(out_dir, "python -m decode", need_bytes=MIN_FREE_BYTES), \
+            staged_files(out_dir, f"writing answers into out_dir={out_dir}") as output:
+        result = _run(cfg, Path(out_dir), questions, output, print_text)
+        output.write_text("summary.json", json.dumps(result, indent=2))
+    return result
+
+
+def check_turn_lengths(base, questions: list[dict], max_new_tokens: int) -> None:
+    """Every turn fits the context, before the first runs: a later turn's prompt holds the earlier turns and
+    their answers, at most `max_new_tokens` each (and the template's few tokens)."""
+    for q in questions:
+        need = longest_context(base, [q], max_new_tokens)
+        if need > base.max_context:
+            chat = len(base.encode_chat([{"role": "user", "content": t} for t in q["turns"]]))
+            raise UserError(f"question {q['question_id']}: its {len(q['turns'])} turn(s) may reach {need} tokens "
+                            f"({chat} of prompts, up to max_new_tokens={max_new_tokens} per answer), which exceeds the "
+                            f"model's context of {base.max_context}: lower max_new_tokens, or leave the question out")
+
+
+def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> dict:
+    from decode.decoder import Decoder, decode_threads, resolve_base_model, resolve_device
+    from heads import load_base
+    from heads.hardware import check_device, resolve_compile, resolve_dtype
+
+    methods = methods_of(cfg)
     device = str(check_device(resolve_device(cfg.device)))
     cfg.dtype = resolve_dtype(cfg.dtype, device)
     base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
                      batch_invariant=wants_batch_invariant(cfg))
     first_prompt = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
-    base.check_prompt_length(len(first_prompt), cfg.max_new_tokens)  # before any model work
+    check_turn_lengths(base, questions, cfg.max_new_tokens)  # before any model work
     threads = decode_threads(base, first_prompt, cfg.threads, cfg.stage_threads, cfg.stages)
     cfg.threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
     print(f"{device}, {cfg.dtype}, {cfg.threads} threads (ar/eesd), {cfg.stage_threads} per ppsd stage"
@@ -212,34 +239,29 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
                 dec.warm_up(first_prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
                             seed=cfg.seed)
         captured_before = len(base.runtime.captured)
-        out_dir.mkdir(parents=True, exist_ok=True)
         model_id = cfg.model_id or Path(base.name).name
-        files = {m: open(out_dir / f"answers_{m}.jsonl", "w") for m in methods}
+        files = {m: output.open(f"answers_{m}.jsonl") for m in methods}
         gens_by_method, cats_by_method, records_by_method = defaultdict(list), defaultdict(list), defaultdict(list)
         mismatches = []
-        try:
-            for qi, question in enumerate(questions):
-                tokens_by_method = {}
-                for m in methods:
-                    show = print_text if (print_text and m == cfg.method) else None
-                    choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
-                                          seed=cfg.seed, on_text=show)
-                    record = answer_record(question, choice, model_id, m)
-                    records_by_method[m].append(record)
-                    files[m].write(json.dumps(record) + "\n")
-                    files[m].flush()
-                    gens_by_method[m] += gens
-                    cats_by_method[m] += [question["category"]] * len(gens)
-                    tokens_by_method[m] = [g.tokens for g in gens]
-                for m in methods[1:]:
-                    for turn, (mine, ref) in enumerate(zip(tokens_by_method[m], tokens_by_method["ar"])):
-                        if mine != ref:
-                            first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
-                            mismatches.append({"method": m, "question_id": question["question_id"], "turn": turn,
-                                               "first_diff_token": first})
-        finally:
-            for f in files.values():
-                f.close()
+        for qi, question in enumerate(questions):
+            tokens_by_method = {}
+            for m in methods:
+                show = print_text if (print_text and m == cfg.method) else None
+                choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
+                                      seed=cfg.seed, on_text=show)
+                record = answer_record(question, choice, model_id, m)
+                records_by_method[m].append(record)
+                files[m].write(json.dumps(record) + "\n")
+                files[m].flush()
+                gens_by_method[m] += gens
+                cats_by_method[m] += [question["category"]] * len(gens)
+                tokens_by_method[m] = [g.tokens for g in gens]
+            for m in methods[1:]:
+                for turn, (mine, ref) in enumerate(zip(tokens_by_method[m], tokens_by_method["ar"])):
+                    if mine != ref:
+                        first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+                        mismatches.append({"method": m, "question_id": question["question_id"], "turn": turn,
+                                           "first_diff_token": first})
     finally:
         for dec in decoders.values():
             dec.close()
@@ -280,6 +302,4 @@ def run(cfg, out_dir: Path, print_text=None) -> dict:
         "figures": figs[cfg.method],
         "out_dir": str(out_dir),
     }
-    result = round_floats(result)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    return result
+    return round_floats(result)

@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from heads import batch_invariant
 from heads.errors import UserError
-from heads.files import atomic_folder
+from heads.files import atomic_folder, writable_cache
 from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
 
 DEFAULT_MODEL = "smollm2"
@@ -72,6 +72,8 @@ def _embedded_folder(name: str) -> Path:
     target = cache_root() / "models" / f"{Path(gguf_file).stem}-{gguf_path.stat().st_size}"
     if (target / "config.json").exists():
         return target
+    # Checked before the conversion, not after it: room for the fp32 weights, several times the 4-bit file.
+    writable_cache(target.parent, need_bytes=6 * gguf_path.stat().st_size)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model.hf_quantizer.remove_quantization_config(model)

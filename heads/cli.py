@@ -6,7 +6,11 @@ sees one line, never a secret.
 - The config is validated against the command's schema (heads/schema.py) before the command starts.
 - An unexpected exception is printed with secrets (Hub tokens) scrubbed, never with Hydra's
   "Error executing job with overrides: [...]" banner, which would echo a `token=` override.
-- Ctrl-C ends with one line (the command's own `finally` blocks stop any processes it started).
+- Ctrl-C ends with one line (the command's own `finally` blocks stop any processes it started); so does
+  SIGTERM for a command that asks for it (`sigterm=True`: train, whose last checkpoint a resume continues).
+- An unknown flag (`--bogus`) is one line and exit 2, not Hydra's usage; `token=` is refused beside the flags
+  that make Hydra write or print the config (`-m` writes multirun.yaml, `--cfg` prints it): secrets stay in memory.
+- A full disk met anywhere is one line.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
 import traceback
 
 from heads.errors import UserError
+from heads.files import is_disk_full
 from heads.schema import Spec, validate
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+TERMINATED = 143   # ... and by SIGTERM
+# Hydra flags after which the config (overrides included) is written to disk or printed.
+_CONFIG_SHOWN = ("-m", "--multirun", "-c", "--cfg", "-i", "--info", "hydra.mode=MULTIRUN")
 _TOKEN_ARG = re.compile(r"^[+~]*(?:[\w.]*\.)?token=(.+)$")
 
 
@@ -40,8 +49,42 @@ def scrub(text: str, cfg=None) -> str:
 
 
 def fail(message: str, code: int, cfg=None) -> None:
+    std = sys.modules.get("tqdm.std")  # an open progress bar ends without a newline: close it, so the error
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):  # starts a line of its own
+        bar.close()
     print(f"error: {scrub(message, cfg)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that `finally` blocks run (a BaseException, as KeyboardInterrupt
+    is: no `except Exception` swallows it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def check_command_line(argv: list[str], config_name: str) -> None:
+    """What Hydra would answer with its usage text or write to disk, as one line: an unknown flag, or `token=`
+    beside a flag that saves (-m) or prints (--cfg, --info) the config."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    usage = f"options are key=value (the keys of conf/{config_name}.yaml), flags Hydra's own (see --help)"
+
+    def refuse(message):
+        raise UserError(f"{message}: {usage}")
+
+    parser.error = refuse  # argparse would print its usage and exit
+    unknown = [a for a in parser.parse_known_args(argv)[1] if a.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown flag {unknown[0]}: {usage}")
+    if any(_TOKEN_ARG.match(a) for a in argv) and any(a in _CONFIG_SHOWN or a.startswith(("--cfg=", "--info="))
+                                                      for a in argv):
+        raise UserError("token= cannot be combined with -m, --cfg or --info: Hydra would write or print it; "
+                        "set HF_TOKEN (or run `hf auth login`) instead")
 
 
 def _hydra_message(e: Exception, config_name: str) -> str:
@@ -61,11 +104,12 @@ def _hydra_message(e: Exception, config_name: str) -> str:
     return first
 
 
-def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = False):
+def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = False, sigterm: bool = False):
     """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it.
 
     one_line_errors: print any failure as one line (export: nothing it can fail on needs a traceback, and a
-    traceback might show the token passed to the Hub client)."""
+    traceback might show the token passed to the Hub client).
+    sigterm: end on SIGTERM as on Ctrl-C (unwinding, one line, exit 143) instead of dying silently."""
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -81,7 +125,13 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
                 fail(str(e), 2, cfg)
             except KeyboardInterrupt:
                 fail("interrupted (Ctrl-C): stopped", INTERRUPTED, cfg)
+            except Terminated:
+                fail("terminated (SIGTERM): stopped", TERMINATED, cfg)
             except Exception as e:  # noqa: BLE001: caught here so Hydra's banner never echoes the overrides
+                if is_disk_full(e):
+                    where = getattr(e, "filename", None)
+                    fail(f"no space left on the device{' of ' + str(where) if where else ''} "
+                         f"({type(e).__name__}): free some space, or write to another disk", 1, cfg)
                 if one_line_errors:
                     fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, cfg)
                 sys.stderr.write(scrub(traceback.format_exc(), cfg))
@@ -93,12 +143,19 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
         def main():
             # Hydra re-raises its composition errors to us instead of printing them (and exit 1) itself.
             os.environ["HYDRA_FULL_ERROR"] = "1"
+            if sigterm:
+                signal.signal(signal.SIGTERM, _terminate)
             try:
+                check_command_line(sys.argv[1:], config_name)
                 run_hydra()
+            except UserError as e:
+                fail(str(e), 2)
             except (HydraException, OmegaConfBaseException) as e:
                 fail(_hydra_message(e, config_name), 2)
             except KeyboardInterrupt:
                 fail("interrupted (Ctrl-C): stopped", INTERRUPTED)
+            except Terminated:
+                fail("terminated (SIGTERM): stopped", TERMINATED)
 
         main.task = task  # the undecorated command, for tests and for callers that compose their own config
         return main

@@ -192,8 +192,19 @@ def check_fits(config: dict, base) -> None:
                         "load the head onto the base it was trained for")
 
 
-def load_head(path_or_id: str, base=None, device=None, dtype=None) -> ExitHead:
-    """Load a head folder or hub id (safetensors only); with `base`, check it fits and match its device/dtype."""
+def nonfinite_weights(state: dict) -> str:
+    """"" when every weight is finite, else which tensors hold NaN/Inf and how many values, in words."""
+    import torch
+
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    return ", ".join(f"{n} in {k}" for k, n in sorted(bad.items())[:3]) + (", ..." if len(bad) > 3 else "")
+
+
+def load_head(path_or_id: str, base=None, device=None, dtype=None, *, refuse_nonfinite: bool = False) -> ExitHead:
+    """Load a head folder or hub id (safetensors only); with `base`, check it fits and match its device/dtype.
+    NaN/Inf weights: a warning (decoding stays exact, its drafts are rejected), or with refuse_nonfinite a
+    one-line error (export: never publish such a head)."""
     config = read_head_config(path_or_id)
     folder = Path(config.pop("_folder"))
     if base is not None:
@@ -219,4 +230,12 @@ def load_head(path_or_id: str, base=None, device=None, dtype=None) -> ExitHead:
     head.load_state_dict(state, strict=True)
     device = device or (base.device if base is not None else "cpu")
     dtype = dtype or (base.dtype if base is not None else None)
-    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    broken = nonfinite_weights(head.state_dict())  # after the cast: fp16 turns large weights into Inf
+    if broken and refuse_nonfinite:
+        raise UserError(f"{weights} holds NaN/Inf weights ({broken}): the head is broken; retrain it")
+    if broken:
+        print(f"warning: {weights} holds NaN/Inf weights ({broken}{', in ' + str(dtype) if dtype else ''}): its drafts "
+              "will be rejected, so decoding stays exact but slow; retrain the head (e.g. with a lower head.lr)",
+              file=sys.stderr, flush=True)
+    return head

@@ -22,9 +22,11 @@ from huggingface_hub import ModelCard, ModelCardData
 from heads.base import hub_offline
 from heads.errors import UserError
 from heads.files import atomic_folder
-from heads.head import read_head_config
+from heads.head import load_head, read_head_config
 
 HEAD_FILES = ("config.json", "model.safetensors")
+EXPORT_MARKER = ".ppsd-export"  # in a folder export wrote: the only kind of folder overwrite=true replaces
+EXPORTED_FILES = {*HEAD_FILES, "README.md", EXPORT_MARKER}
 TAGS = ["ppsd", "early-exit", "self-speculative-decoding", "speculative-decoding"]
 
 # The fields of a measurement that the card shows and config.json keeps (anything else is dropped).
@@ -182,21 +184,62 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
     return str(ModelCard(content))
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_source_files(head_path: str, folder: Path) -> None:
+    """The head's own files, never what a link points to elsewhere: config.json and model.safetensors must be
+    regular files in the head folder (or, for a hub id, in its cache entry, whose files link to its blobs)."""
+    real = folder.resolve()
+    local = Path(head_path).expanduser().is_dir()
+    allowed = real if local or len(real.parents) < 2 else real.parents[1]  # models--owner--name/snapshots/<rev>
+    for name in HEAD_FILES:
+        file = folder / name
+        if not file.exists():
+            raise UserError(f"head folder '{folder}' has no {name}: is it a ppsd head folder?")
+        real = file.resolve()
+        if file.is_symlink() and not _inside(real, allowed):
+            raise UserError(f"{file} is a link to {real}, outside the head folder: export copies only the head's own "
+                            "files; replace the link with the file itself")
+        if not real.is_file():
+            raise UserError(f"{file} is not a file: is '{folder}' a ppsd head folder?")
+
+
+def check_target(source: Path, target: Path, overwrite: bool) -> None:
+    """local_dir is a new folder, or (overwrite=true) one that export itself wrote and nothing else has touched;
+    it never holds the head, nor lies inside it."""
+    source = source.resolve()
+    if _inside(source, target) or _inside(target, source):
+        where = "is the head folder itself" if source == target else \
+            "contains the head folder" if _inside(source, target) else "is inside the head folder"
+        raise UserError(f"local_dir '{target}' {where} ({source}): write to a folder of its own")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"local_dir '{target}' is a file: pass a folder path (new or empty)")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"local_dir '{target}' exists and is not empty: pick a new folder or pass overwrite=true")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in EXPORTED_FILES or p.is_dir() or p.is_symlink())
+    if not (target / EXPORT_MARKER).is_file() or foreign:
+        why = f"it holds {', '.join(foreign[:3])}" if foreign else f"it has no {EXPORT_MARKER}"
+        raise UserError(f"local_dir '{target}' was not written by export ({why}): overwrite=true replaces only "
+                        "an earlier export's folder; pick a new folder")
+
+
 def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured: dict | None = None,
-                      repo_id: str | None = None, overwrite: bool = False) -> Path:
-    """Copy a head to `local_dir` with its measurement in config.json and a fresh model card (atomic)."""
+                      repo_id: str | None = None, overwrite: bool = False, mark: bool = True) -> Path:
+    """Copy a head to `local_dir` with its measurement in config.json and a fresh model card (atomic).
+
+    Nothing is copied before the head is checked: its files its own (no links out of it), its weights a
+    safetensors file of the shapes config.json implies, all finite. mark: leave EXPORT_MARKER in the folder,
+    the sign a later overwrite=true looks for."""
     config = read_head_config(head_path)
     source = Path(config.pop("_folder"))
     target = Path(local_dir).expanduser().resolve()
-    if source.resolve() == target:
-        raise UserError(f"local_dir '{target}' is the head folder itself: write to a new folder")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"local_dir '{target}' is a file: pass a folder path (new or empty)")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"local_dir '{target}' exists and is not empty: pick a new folder or pass overwrite=true")
-    for name in HEAD_FILES:
-        if not (source / name).exists():
-            raise UserError(f"head folder '{source}' has no {name}: is it a ppsd head folder?")
+    check_target(source, target, overwrite)
+    check_source_files(head_path, source)
+    load_head(str(source), refuse_nonfinite=True)  # the header, the shapes against config.json, finite values
     if measured:
         config["metadata"] = dict(config.get("metadata") or {}) | {"measured": measured}
     try:
@@ -204,6 +247,8 @@ def write_head_folder(head_path: str, local_dir: str | os.PathLike, *, measured:
             shutil.copyfile(source / "model.safetensors", tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             (tmp / "README.md").write_text(model_card(config, repo_id))
+            if mark:
+                (tmp / EXPORT_MARKER).write_text("written by python -m scripts.export; overwrite=true may replace it\n")
     except OSError as e:
         raise UserError(f"local_dir '{target}' cannot be written ({e.strerror or type(e).__name__}"
                         f"{': ' + str(e.filename) if e.filename else ''}): pass a folder you can write") from None
@@ -232,7 +277,7 @@ def push_head(head_path: str, repo_id: str, *, private: bool = False, token: str
         raise UserError(f"repo_id '{repo_id}' is not a Hub repo id: use owner/name")
     config = read_head_config(head_path)
     with tempfile.TemporaryDirectory(prefix="ppsd-export-") as tmp:
-        folder = write_head_folder(head_path, Path(tmp) / "head", measured=measured, repo_id=repo_id)
+        folder = write_head_folder(head_path, Path(tmp) / "head", measured=measured, repo_id=repo_id, mark=False)
         api = HfApi(token=token)
         try:
             repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

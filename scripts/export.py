@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from heads.cli import entry_point
 from heads.errors import UserError
+from heads.files import read_text
 from heads.hub import measured_from_results, push_head, write_head_folder
 from heads.head import read_head_config
 from heads.schema import EXPORT
@@ -27,7 +28,7 @@ def read_results(path: str | None, config: dict) -> dict | None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"results file '{path}' does not exist: pass a sweep results.json or a saved decode JSON")
-    text = file.read_text().strip()
+    text = read_text(file).strip()
     try:  # a whole JSON document, or a decode log whose last line is the result
         results = json.loads(text)
     except json.JSONDecodeError:

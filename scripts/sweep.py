@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from heads.cli import entry_point
 from heads.errors import UserError
-from heads.files import atomic_write_json, read_prompts
+from heads.files import atomic_write_json, read_prompts, run_folder
 from heads.schema import SWEEP
 from scripts.sweep_plan import (Candidate, base_info, describe_hardware, manifest_for, model_slug, open_sweep_folder,
                                 plan, read_json)
@@ -221,12 +221,14 @@ def sweep(cfg: DictConfig) -> dict:
     base_model, num_layers = base_info(str(cfg.model))
     candidates = plan(cfg, num_layers)
     out = Path(cfg.out_dir or Path("sweeps") / model_slug(str(cfg.model))).expanduser()
-    manifest = open_sweep_folder(out, manifest_for(cfg, base_model, num_layers) | {"hardware": describe_hardware()})
-    head_jobs = len({c.head for c in candidates})
-    with tqdm(total=head_jobs + len(candidates), desc="sweep", unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
-        heads = trained_heads(out, cfg, candidates, progress)
-        evaluate(out, cfg, candidates, heads, num_layers, progress)
-    results = finish(out, manifest, candidates)
+    with run_folder(out, "python -m scripts.sweep"):  # one sweep at a time in a folder (its jobs write below it)
+        manifest = open_sweep_folder(out, manifest_for(cfg, base_model, num_layers) | {"hardware": describe_hardware()})
+        head_jobs = len({c.head for c in candidates})
+        with tqdm(total=head_jobs + len(candidates), desc="sweep", unit="step", file=sys.stderr,
+                  dynamic_ncols=True) as progress:
+            heads = trained_heads(out, cfg, candidates, progress)
+            evaluate(out, cfg, candidates, heads, num_layers, progress)
+        results = finish(out, manifest, candidates)
     selected = results["selected"]
     return ({"out_dir": str(out.resolve()), "base_model": base_model, "candidates": len(candidates)} | selected
             | {"warnings": results["warnings"]})

@@ -48,7 +48,7 @@ def outputs(head, base, seed=0):
 def test_local_export_loads_to_identical_outputs(tiny_base, tmp_path, head_type):
     original = trained_like(tiny_base, head_type, 3, tmp_path / "head")
     folder = write_head_folder(str(tmp_path / "head"), tmp_path / "export", measured=MEASURED)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".ppsd-export", "README.md", "config.json", "model.safetensors"]
     loaded = load_head(str(folder), tiny_base)
     assert torch.equal(outputs(loaded, tiny_base), outputs(original.eval(), tiny_base))
     assert loaded.metadata["measured"]["speedup_vs_ar"] == 1.37  # kept for a later export of this folder

@@ -233,11 +233,13 @@ def test_a_checkpoint_pickle_with_foreign_objects_is_refused_unloaded(tmp_path):
 
 
 def test_unwritable_out_dir_is_one_line(tmp_path):
-    from train.recipe import check_out_dir
+    from heads.files import writable_folder
 
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="is not a writable folder"):
-        check_out_dir(str(tmp_path / "file" / "run"))
+    with pytest.raises(UserError, match="out_dir=.* is not a writable folder .*: pass out_dir="):
+        writable_folder(tmp_path / "file" / "run", what=f"out_dir={tmp_path / 'file' / 'run'}", fix="pass out_dir=X")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        writable_folder(tmp_path / "file", what="out_dir=file", fix="pass out_dir=X")
 
 
 # ---------------------------------------------------------------- export failures

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STUB_TRAIN = '''
 import json, os, re, sys
+import numpy as np
+from safetensors.numpy import save_file
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 layers = [int(x) for x in re.findall(r"\\d+", args["exit_layers"])]
 open(os.environ["STUB_LOG"], "a").write(json.dumps({"cmd": "train", "argv": sys.argv[1:]}) + "\\n")
@@ -29,7 +31,8 @@ for e in layers:
               "base_config": {"num_hidden_layers": 6, "hidden_size": 64, "vocab_size": 100, "model_type": "llama"},
               "metadata": {"heldout": {"top1": 0.1 * e, "expected_acceptance": 0.09 * e}}}
     open(os.path.join(folder, "config.json"), "w").write(json.dumps(config))
-    open(os.path.join(folder, "model.safetensors"), "wb").write(b"stub weights")
+    save_file({"norm.weight": np.ones(64, np.float32), "up.weight": np.zeros((128, 64), np.float32),
+               "down.weight": np.zeros((64, 128), np.float32)}, os.path.join(folder, "model.safetensors"))
     heads.append({"exit_layer": e, "head_path": folder, "heldout_top1": 0.1 * e, "heldout_expected_acceptance": 0.09 * e})
 print("training done")
 print(json.dumps({"head_paths": [h["head_path"] for h in heads], "exit_layers": layers, "heads": heads,

@@ -22,7 +22,7 @@ def _destroy_process_group():
 atexit.register(_destroy_process_group)
 
 
-@entry_point("train", TRAIN)
+@entry_point("train", TRAIN, sigterm=True)
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from train.recipe import run

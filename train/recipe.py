@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from heads import UserError, load_base
 from heads.base import model_num_layers, model_source_id, resolve_model_path
-from heads.files import atomic_folder, atomic_write_text
+from heads.files import atomic_folder, atomic_write_text, run_folder
 from heads.hardware import is_auto, resolve_compile, resolve_dtype
 from heads.schema import TRAIN, validate
 from train import data as D
-from train.checkpoint import (check_heads_match, metrics_lines_upto, resume_folder, run_identity,
-                              save_checkpoint)
+from train.checkpoint import (check_heads_match, check_run_folders, metrics_lines_upto, resume_folder,
+                              run_identity, save_checkpoint)
 from train.distributed import barrier, broadcast, init_distributed, reduce_mean, train_device
 from train.features import FeatureSource, collate
 from train.head_set import HeadSet, evaluate_by_source, head_metrics, warm_start
@@ -60,20 +60,6 @@ def exit_layers_of(cfg, num_layers: int) -> list[int]:
     return layers
 
 
-def check_out_dir(out_dir: str) -> Path:
-    """out_dir must be (or become) a writable folder; found now rather than at the first checkpoint."""
-    path = Path(out_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out_dir={out_dir} is not a writable folder ({e.strerror or type(e).__name__}): "
-                        "pass out_dir=<a folder you can write>") from None
-    return path
-
-
 # ---------------------------------------------------------------- schedule and logging
 
 
@@ -95,10 +81,12 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
 def run(cfg) -> dict | None:
     """The whole job; its result (what metrics.json holds) on rank 0, None on the other ranks."""
     recipe = DistillRecipe(cfg)
-    recipe.setup()
-    recipe.train()
-    result = recipe.save_heads()
-    recipe.cleanup()
+    # The run owns out_dir (rank 0 holds it for all ranks): a second run into it refuses.
+    with run_folder(recipe.out_dir, "python -m train") if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        recipe.setup()
+        recipe.train()
+        result = recipe.save_heads()
+        recipe.cleanup()
     return result
 
 
@@ -115,7 +103,7 @@ class DistillRecipe:
         self.cfg = cfg
         self.device = train_device(cfg.device)
         self.exit_layers = exit_layers_of(cfg, model_num_layers(cfg.model, cfg.trust_remote_code))
-        self.out_dir = check_out_dir(cfg.out_dir)
+        self.out_dir = check_run_folders(cfg, self.exit_layers)  # out_dir, the data cache, DeepSpeed's build folder
         self.identity = run_identity(cfg, self.exit_layers, model_source_id(resolve_model_path(cfg.model), cfg.model))
         self.resume_from = resume_folder(self.out_dir, self.identity) if cfg.resume else None
 

@@ -7,10 +7,18 @@ import os
 import uuid
 from pathlib import Path
 
+from heads.files import disk_full_error, is_disk_full
+
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a line cut short is dropped on resume (train/checkpoint.py: metrics_lines_upto)
+        if is_disk_full(e):
+            raise disk_full_error(path, f"appending to {path.name}", "free some space, then rerun with "
+                                  "resume=true (it continues from the last checkpoint)") from None
+        raise
 
 
 def wandb_run(cfg, out_dir: Path, resolved: dict):
