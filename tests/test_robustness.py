@@ -496,14 +496,14 @@ def test_sampling_with_a_nan_head_rejects_its_drafts(head, tiny_model_dir, tmp_p
 
 
 def test_sigterm_of_train_is_one_line_and_resumes_bit_equal(tiny_model_dir, tmp_path):
-    from tests.test_train import SLOW_STEPS, _run_in_process, _tiny_overrides
+    from tests.test_train import SLOW_STEPS, _tiny_overrides
 
     prompts = _questions(tmp_path / "p.jsonl", 16)
-    try:
-        reference = _run_in_process(_tiny_overrides(tiny_model_dir, prompts, tmp_path / "ref", tmp_path / "cache"))
-    finally:  # the in-process run's group must not outlive it (a ppsd pipeline later makes its own)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # The reference runs in its own process: an in-process run would leave a process group (and DeepSpeed's
+    # groups cached on it) and RANK/MASTER_PORT in os.environ for every later test and its subprocesses.
+    reference = _run("train", *_tiny_overrides(tiny_model_dir, prompts, tmp_path / "ref", tmp_path / "cache"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = json.loads(reference.stdout.strip().splitlines()[-1])
     run = tmp_path / "run"
     args = _tiny_overrides(tiny_model_dir, prompts, run, tmp_path / "cache")
     proc = subprocess.Popen([sys.executable, *SLOW_STEPS, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
