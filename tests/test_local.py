@@ -1,0 +1,121 @@
+"""PPSD with one process driving every stage (decode/local.py) on a tiny random Llama. On a CPU its stages run one
+after another, so these tests cover the schedule (ticks, hand-offs, flushes, verdicts), not the overlap."""
+
+import math
+
+import pytest
+import torch
+
+from decode import Decoder, OracleDrafts
+from decode.common import draft_step, run_to_end
+from decode.local import LocalPipeline, predicted_time_per_token
+from heads import build_head
+
+PROMPTS = [list(range(100, 120)), [5, 9, 200, 7, 7, 31]]
+LAYOUTS = {2: [(0, 2), (2, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
+
+
+@pytest.fixture(scope="module")
+def heads(tiny_base):
+    out = {}
+    for kind in ("mlp", "transformer"):
+        head = build_head(tiny_base, kind, exit_layer=2)
+        torch.manual_seed(1)
+        with torch.no_grad():  # some drafts right, most wrong: both branches of the verdict run
+            for p in head.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.02)
+        out[kind] = head
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_base):
+    ar = Decoder("ar", base=tiny_base, threads=1)
+    return [ar.generate(prompt, 24).tokens for prompt in PROMPTS]
+
+
+def _pipeline(base, head, stages):
+    return LocalPipeline([base] * stages, head, LAYOUTS[stages], placement="streams")
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_greedy_equals_ar(tiny_base, heads, reference, kind, stages):
+    pipe = _pipeline(tiny_base, heads[kind], stages)
+    for prompt, expected in zip(PROMPTS, reference):
+        gen = run_to_end(pipe.decode(prompt, 24))
+        assert gen.tokens == expected
+        assert gen.drafts_verified == len(expected) and sum(gen.accept_lengths) == len(expected)
+        assert gen.stats["flushes"] == gen.drafts_verified - gen.drafts_accepted - (gen.tokens[-1:] != expected[-1:])
+
+
+def test_greedy_equals_ar_on_compiled_static_steps(tiny_base, heads, reference):
+    tiny_base.set_runtime(compile=True)
+    try:
+        gen = run_to_end(_pipeline(tiny_base, heads["transformer"], 2).decode(PROMPTS[0], 24))
+        assert tiny_base.runtime.captured  # the steps ran compiled, not eager
+    finally:
+        tiny_base.set_runtime()
+    assert gen.tokens == reference[0]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_ticks_follow_the_schedule_at_both_ends_of_acceptance(tiny_base, heads, reference, stages):
+    """α = 1: the pipeline fills once (S - 1 ticks) and then emits a token per tick. α = 0: every token after the
+    first is a flush followed by S - 1 refill ticks and the tick that verifies it."""
+    pipe, n = _pipeline(tiny_base, heads["mlp"], stages), len(reference[0])
+    always = run_to_end(pipe.decode(PROMPTS[0], n, oracle=OracleDrafts(reference[0], 1.0)))
+    assert always.tokens == reference[0] and always.stats["flushes"] == 0
+    assert always.stats["ticks"] == (n - 1) + (stages - 1) - 1  # no stage-0 work past the last useful position
+    never = run_to_end(pipe.decode(PROMPTS[0], n, oracle=OracleDrafts(reference[0], 0.0, vocab_size=tiny_base.vocab_size)))
+    assert never.tokens == reference[0] and never.drafts_accepted == 0
+    assert never.stats["ticks"] == (n - 1) * stages
+
+
+def test_an_early_stop_leaves_the_pipeline_reusable(tiny_base, heads, reference):
+    pipe = _pipeline(tiny_base, heads["mlp"], 2)
+    loop = pipe.decode(PROMPTS[0], 24)
+    assert [next(loop) for _ in range(5)] == reference[0][:5]
+    loop.close()
+    assert run_to_end(pipe.decode(PROMPTS[1], 24)).tokens == reference[1]
+
+
+def test_a_stop_token_ends_the_answer(tiny_base, heads, reference):
+    stop = reference[0][6]
+    gen = run_to_end(_pipeline(tiny_base, heads["mlp"], 2).decode(PROMPTS[0], 24, stop_ids={stop}))
+    assert gen.tokens == reference[0][:reference[0].index(stop) + 1]
+
+
+def test_sampling_keeps_the_models_distribution(tiny_base, heads):
+    """The first new token is the verdict on the prefill's draft, by the speculative rule: chi-square against the
+    model's p, with a head whose q is far from p (forwarding the draft would fail)."""
+    temperature, prompt, n = 0.3, PROMPTS[0], 150
+    head = heads["mlp"]
+    with torch.inference_mode():
+        p = torch.softmax(tiny_base.model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        _, draft_logits = draft_step(tiny_base, head, tiny_base.range(0, 2), torch.tensor([prompt]), 0)
+    q = torch.softmax(draft_logits / temperature, -1)
+    assert 0.5 * (p - q).abs().sum() > 0.5
+    pipe = _pipeline(tiny_base, head, 2)
+    samples = [run_to_end(pipe.decode(prompt, 1, temperature=temperature, seed=s)).tokens[0] for s in range(n)]
+    top = [int(t) for t in torch.argsort(p, descending=True) if p[t] * n >= 5]
+    expected = [float(p[t]) * n for t in top] + [n * (1 - float(p[top].sum()))]
+    observed = [samples.count(t) for t in top] + [sum(1 for s in samples if s not in top)]
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
+    dof = len(expected) - 1
+    assert chi2 < dof + 4 * math.sqrt(2 * dof) + 6, (observed, expected)
+    longer = run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3))
+    assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3)).tokens
+
+
+def test_tick_costs_predict_the_time_per_token(tiny_base, heads):
+    pipe = _pipeline(tiny_base, heads["mlp"], 3)
+    ticks = pipe.measure_ticks(PROMPTS[0], repeats=3)
+    assert len(ticks["alone_s"]) == len(ticks["prefix_s"]) == 3 and ticks["overlap"] > 0
+    full, refill = ticks["prefix_s"][-1], sum(ticks["prefix_s"][:-1])
+    assert predicted_time_per_token(1.0, ticks["prefix_s"]) == full
+    assert predicted_time_per_token(0.0, ticks["prefix_s"]) == pytest.approx(full + refill)
+    # the caches were rolled back: a decode afterwards is still AR's
+    ar = Decoder("ar", base=tiny_base, threads=1).generate(PROMPTS[0], 8).tokens
+    assert run_to_end(pipe.decode(PROMPTS[0], 8)).tokens == ar
