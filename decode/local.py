@@ -168,6 +168,7 @@ class LocalPipeline:
         if len(bases) != len(layout) or len(layout) < 2:
             raise ValueError("a local pipeline needs one base per stage and at least two stages")
         self.placement, self.layout, self.head = placement, list(layout), head
+        self.tick_costs: dict | None = None  # the latest measure_ticks
         cuda = bases[0].device.type == "cuda"
         self.stages = []
         for i, (base, (start, end)) in enumerate(zip(bases, layout)):
@@ -280,7 +281,8 @@ class LocalPipeline:
                           stats={"placement": self.placement, "ticks": ticks, "flushes": flushes,
                                  "prefill_s": prefill_s, "capture_s": self.capture_s,
                                  "layers": [list(r) for r in self.layout],
-                                 "uncaptured": [st.graph_error for st in self.stages if st.graph_error]})
+                                 "uncaptured": [st.graph_error for st in self.stages if st.graph_error],
+                                 "tick_costs": self.tick_costs})
 
     @torch.inference_mode()
     def measure_ticks(self, prompt_ids: list[int], repeats: int = 20) -> dict:
@@ -303,10 +305,6 @@ class LocalPipeline:
 
         alone = [timed({j: n}) for j in range(len(self.stages))]
         prefix = [timed({i: n for i in range(j + 1)}) for j in range(len(self.stages))]
-        return {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1]}
+        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1]}
+        return self.tick_costs
 
-
-def predicted_time_per_token(alpha: float, prefix_s: list[float]) -> float:
-    """Seconds per token from measured tick costs: every token takes a full tick (`prefix_s[-1]`), and a rejected
-    one (probability 1 - α) also the S - 1 refill ticks in which stages 0..j run (`prefix_s[:-1]`)."""
-    return prefix_s[-1] + (1 - alpha) * sum(prefix_s[:-1])

@@ -8,7 +8,8 @@ import torch
 
 from decode import Decoder, OracleDrafts
 from decode.common import draft_step, run_to_end
-from decode.local import LocalPipeline, predicted_time_per_token
+from decode.local import LocalPipeline
+from decode.measure import local_time_per_token
 from heads import build_head
 
 PROMPTS = [list(range(100, 120)), [5, 9, 200, 7, 7, 31]]
@@ -27,6 +28,13 @@ def heads(tiny_base):
                     p.normal_(0, 0.02)
         out[kind] = head
     return out
+
+
+@pytest.fixture(scope="module")
+def head_dir(heads, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("head") / "mlp-e2"
+    heads["mlp"].save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +126,69 @@ def test_tick_costs_predict_the_time_per_token(tiny_base, heads):
     ticks = pipe.measure_ticks(PROMPTS[0], repeats=3)
     assert len(ticks["alone_s"]) == len(ticks["prefix_s"]) == 3 and ticks["overlap"] > 0
     full, refill = ticks["prefix_s"][-1], sum(ticks["prefix_s"][:-1])
-    assert predicted_time_per_token(1.0, ticks["prefix_s"]) == full
-    assert predicted_time_per_token(0.0, ticks["prefix_s"]) == pytest.approx(full + refill)
+    assert local_time_per_token(1.0, ticks["prefix_s"]) == full
+    assert local_time_per_token(0.0, ticks["prefix_s"]) == pytest.approx(full + refill)
     # the caches were rolled back: a decode afterwards is still AR's
     ar = Decoder("ar", base=tiny_base, threads=1).generate(PROMPTS[0], 8).tokens
     assert run_to_end(pipe.decode(PROMPTS[0], 8)).tokens == ar
+
+
+@pytest.mark.parametrize("placement, device, gpus, stages, torchrun, expected", [
+    ("auto", "cpu", 0, 2, False, "processes"),       # a CPU: each stage its own process and threads
+    ("auto", "cuda:0", 2, 2, True, "processes"),     # torchrun: the ranks are the stages
+    ("auto", "cuda", 1, 2, False, "streams"),        # one GPU
+    ("auto", "cuda", 2, 2, False, "devices"),        # a GPU per stage
+    ("auto", "cuda", 2, 3, False, "streams"),        # fewer GPUs than stages
+    ("auto", "cuda:1", 2, 2, False, "streams"),      # GPUs counted from the one asked for
+    ("streams", "cpu", 0, 2, False, "streams"),      # as asked (on a CPU: one after another)
+    ("processes", "cuda", 4, 2, False, "processes"),
+])
+def test_placement_resolves_from_the_machine(monkeypatch, placement, device, gpus, stages, torchrun, expected):
+    from decode.decoder import resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_placement(placement, device, stages, torchrun) == expected
+
+
+@pytest.mark.parametrize("placement, gpus, torchrun, message", [
+    ("devices", 1, False, "use placement=streams"),
+    ("streams", 2, True, "under torchrun use placement=processes"),
+    ("nodes", 2, False, "use one of auto, streams, devices, processes"),
+])
+def test_an_impossible_placement_is_one_clear_error(monkeypatch, placement, gpus, torchrun, message):
+    from decode.decoder import resolve_placement
+    from heads.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(UserError, match=message):
+        resolve_placement(placement, "cuda", 2, torchrun)
+
+
+def test_decoder_drives_local_stages(tiny_base, heads, reference):
+    """Decoder(placement=streams): the same answers as AR, the tick costs measured at warm-up reach the stats,
+    and the time to the first token is recorded (what tokens/s without prefill is computed from)."""
+    with Decoder("ppsd", base=tiny_base, head=heads["mlp"], placement="streams", threads=1) as dec:
+        assert dec.placement == "streams" and dec.pipeline is None and dec.local is not None
+        dec.warm_up(PROMPTS[1], 4)
+        gen = dec.generate(PROMPTS[0], 24)
+    assert gen.tokens == reference[0]
+    assert gen.stats["placement"] == "streams" and len(gen.stats["tick_costs"]["prefix_s"]) == 2
+    assert 0 < gen.first_token_s <= gen.wall_time
+
+
+def test_command_with_streams_placement(tiny_model_dir, head_dir, spec_bench_path, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "decode", "method=ppsd", "placement=streams", f"head_path={head_dir}",
+                          f"model={tiny_model_dir}", f"prompts={spec_bench_path}", "limit=1", "max_new_tokens=8",
+                          "compare=[ar,eesd]", "threads=1", f"out_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, cwd=root, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["placement"] == "streams" and result["lossless"] is True
+    assert result["predicted_speedup"] is not None  # from the ticks measured at warm-up
+    assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0
