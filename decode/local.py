@@ -41,6 +41,7 @@ class Stage:
         self.base, self.start, self.end, self.head, self.last = base, start, end, head, last
         self.device = base.device
         self.stream = stream
+        self.capturable = stream is not None  # CUDA graphs need a CUDA stream
         self.graphs: dict = {}  # cache identity -> captured graph (a new cache buffer means a new capture)
         self.capture_s = 0.0
         self.graph_error: str | None = None
@@ -68,7 +69,7 @@ class Stage:
         inductor's kernels without torch's own CUDA graphs: this stage captures its whole step itself (the base's
         runtime, shared with AR and EESD, keeps its own settings)."""
         self.range = self.base.range(self.start, self.end)
-        if self.stream is not None and self.range.runtime.compile_mode == "reduce-overhead":
+        if self.capturable and self.range.runtime.compile_mode == "reduce-overhead":
             if self.runtime is None:
                 self.runtime = dataclasses.replace(self.range.runtime, compile_mode=None, captured=set(),
                                                    functions={})
@@ -128,29 +129,34 @@ class Stage:
                 self.done.record(self.stream)
 
     def _graph(self):
-        """This stage's captured step for its current cache, captured on first use (CUDA only; None on a CPU,
-        for a prefill, or after a capture failed, which is said once and leaves the stage uncaptured)."""
-        if self.stream is None or self.graph_error is not None or self.range.length == 0:
+        """This stage's captured step for its current cache, captured on first use. None (the step runs uncaptured)
+        on a CPU, for a prefill, on a dynamic cache (it grows by concatenation: nothing a graph can replay), and
+        after a capture failed, which is said once."""
+        if not self.capturable or not self.range.runtime.static or self.graph_error or self.range.length == 0:
             return None
-        key = id(self.range.cache), getattr(self.range.cache, "max_len", 0)
+        key = id(self.range.cache), self.range.cache.max_len
         if key not in self.graphs:
             begin = time.perf_counter()
             length = self.range.length
             try:
                 self._step()  # compiles (if compiled) and allocates outside the capture
                 self.range.crop(length)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._step()
+                graph = self._capture()
             except Exception as e:  # noqa: BLE001 - an uncapturable step still runs, only slower
                 self.graph_error = f"{type(e).__name__}: {e}".splitlines()[0]
                 print(f"warning: stage [{self.start}, {self.end}) runs uncaptured ({self.graph_error})", flush=True)
                 self.range.crop(length)
                 return None
-            self.range.crop(length)  # the capture's own step did not run; the warm-up's is undone
+            self.range.crop(length)  # the captured step's Python ran but its kernels did not; the warm-up's is undone
             self.graphs[key] = graph
             self.capture_s += time.perf_counter() - begin
         return self.graphs[key]
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._step()
+        return graph
 
     def release(self, later: "Stage") -> None:
         """This stage's output buffer may be overwritten only after `later` took its copy."""

@@ -192,3 +192,53 @@ def test_command_with_streams_placement(tiny_model_dir, head_dir, spec_bench_pat
     assert result["placement"] == "streams" and result["lossless"] is True
     assert result["predicted_speedup"] is not None  # from the ticks measured at warm-up
     assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0
+
+
+def test_captured_steps_keep_the_cache_bookkeeping(tiny_base, heads, reference):
+    """The CUDA-graph path on a CPU: each stage's step is "captured" once per cache (a fake graph whose replay runs
+    the step without its Python bookkeeping, as a real replay does) and replayed every tick after; the warm-up
+    step, the capture's own step and the replays' lengths must add up for the answers to stay AR's."""
+    import types
+
+    tiny_base.set_runtime(static=True)
+    try:
+        pipe = _pipeline(tiny_base, heads["transformer"], 2)
+        captures = []
+        for stage in pipe.stages:
+            def capture(stage=stage):
+                captures.append((stage.start, stage.range.length))
+                stage._step()  # what a capture records (its Python runs, its length is undone after)
+
+                def replay():
+                    length = stage.range.length
+                    stage._step()
+                    stage.range.length = length  # a replay runs kernels only: the caller counts the position
+                return types.SimpleNamespace(replay=replay)
+            stage.capturable, stage._capture = True, capture
+        gens = [run_to_end(pipe.decode(prompt, 24)) for prompt in PROMPTS]
+    finally:
+        tiny_base.set_runtime()
+    assert [g.tokens for g in gens] == reference
+    assert sorted({start for start, _ in captures}) == [0, 2] and len(captures) == 2  # once per stage and cache
+    assert not any(g.stats["uncaptured"] for g in gens)
+
+
+def test_a_capturing_stage_compiles_without_torchs_own_graphs(tiny_base, heads):
+    """On CUDA the base's steps are compiled with mode=reduce-overhead (torch's CUDA-graph trees, which assume the
+    current stream); a stage that captures its own step gets a copy of the runtime without them, and the base,
+    shared with AR and EESD, keeps its own."""
+    tiny_base.set_runtime(compile=True, compile_mode="reduce-overhead")
+    try:
+        pipe = _pipeline(tiny_base, heads["mlp"], 2)
+        for stage in pipe.stages:
+            stage.capturable = True
+            stage.begin()
+            assert stage.range.runtime is not tiny_base.runtime and stage.range.runtime.compile_mode is None
+            assert stage.range.runtime.compile and stage.range.runtime.static
+        assert tiny_base.runtime.compile_mode == "reduce-overhead"
+        stage = pipe.stages[0]
+        first = stage.range.runtime
+        stage.begin()
+        assert stage.range.runtime is first  # one copy per stage: its compiled functions are reused per request
+    finally:
+        tiny_base.set_runtime()
