@@ -250,6 +250,7 @@ TRAIN = Spec("train", {
     "exit_layers": list_of(integer(), nonempty=True, null=True),
     "head.type": choice(*HEAD_TYPES, what="head type"),
     "head.mlp_hidden": integer(0),
+    "head.mlp_layers": integer(1),
     "head.lr": number(0, above=True),
     "loss": choice(*LOSSES, what="loss"),
     "temperature": number(0, above=True),
