@@ -8,6 +8,7 @@ Every such call in the project goes through here, so one file says what each rel
 - `torch._dynamo.config.recompile_limit`, named `cache_size_limit` before torch 2.7;
 - `torch._inductor.config.emulate_precision_casts`: fallback, inductor's own rounding (bf16 graphs cut at
   another layer may then differ in the last bit);
+- `torch._dynamo.mark_static_address`: fallback, none (a CUDA graph then copies the tensor in per replay);
 - transformers' `StaticLayer` with a tensor `cumulative_length` (transformers 5.x): without it static caches
   are off and the runtime runs eager.
 """
@@ -60,6 +61,14 @@ def configure_compiler() -> None:
     if hasattr(torch._inductor.config, "emulate_precision_casts"):
         torch._inductor.config.emulate_precision_casts = True
     _configured = True
+
+
+def mark_static(tensor: torch.Tensor) -> None:
+    """Tell dynamo a tensor keeps its address (CUDA graphs then read it in place instead of copying it in);
+    a no-op where torch lacks `mark_static_address`."""
+    marker = getattr(torch._dynamo, "mark_static_address", None)
+    if marker is not None:
+        marker(tensor)
 
 
 def static_layer_supported() -> tuple[bool, str]:

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from heads.compat import configure_compiler, guard_filter, mode_options, static_layer_supported
+from heads.compat import configure_compiler, guard_filter, mark_static, mode_options, static_layer_supported
 
 # Decode steps of at most this many positions run compiled; longer ones run eager.
 MAX_COMPILED_POSITIONS = 16
@@ -148,6 +148,36 @@ class StaticKV(Cache):
             layer = self.layers[i]
             if layer.is_initialized:
                 layer.cumulative_length.fill_(length)  # in place: a compiled graph holds this tensor's address
+
+
+class SlotKV(StaticKV):
+    """A static cache whose rows are independent sequences (continuous batching): row b writes its next
+    positions at its own columns `columns[b]`, so a finished row is refilled with a new prompt (copied into
+    columns [0, length)) while the others go on, and every step keeps one shape. A query sees its row's
+    columns up to its own (the caller's mask); columns past it hold stale values no query sees."""
+
+    def __init__(self, num_layers: int, max_len: int, rows: int, device):
+        super().__init__(num_layers, max_len)
+        self.columns = torch.zeros(rows, 1, dtype=torch.long, device=device)  # in place: a graph holds its address
+        self.row_index = torch.arange(rows, device=device)[:, None]
+        mark_static(self.columns)
+
+    def allocate(self, heads: int, head_dim: int, dtype, device) -> None:
+        """Every layer's buffers, before a prefill is copied in."""
+        example = torch.zeros(len(self.columns), heads, 1, head_dim, dtype=dtype, device=device)
+        for layer in self.layers[:-1]:
+            if not layer.is_initialized:
+                layer.lazy_initialization(example, example)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        # (B, H, T, D) written at (row b, column columns[b] + t): advanced indices first, so (B, T, H, D)
+        columns = self.columns + torch.arange(key_states.shape[2], device=self.columns.device)
+        layer.keys[self.row_index, :, columns] = key_states.transpose(1, 2)
+        layer.values[self.row_index, :, columns] = value_states.transpose(1, 2)
+        return layer.keys, layer.values
 
 
 def static_mask(position_ids: torch.Tensor, max_len: int) -> torch.Tensor:
