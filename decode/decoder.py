@@ -86,16 +86,28 @@ def resolve_placement(placement: str, device: str | torch.device, stages: int, t
     return placement
 
 
-def stage_bases(base, layout, placement: str) -> list:
-    """One Base per stage: `base` itself for every stage on one device; with placement=devices stage 0 keeps
-    `base` and stage i > 0 loads only its layers (and, the last, the LM head) on the next GPU."""
-    if placement != "devices" or base.device.type != "cuda":
-        return [base] * len(layout)
-    first = base.device.index or 0
+def stage_devices(device: str | torch.device, stages: int, placement: str) -> list[torch.device]:
+    """Stage i's device: GPU first + i with placement=devices, else `device` for every stage."""
+    device = torch.device(device)
+    if placement != "devices" or device.type != "cuda":
+        return [device] * stages
+    return [torch.device("cuda", (device.index or 0) + i) for i in range(stages)]
+
+
+def stage_bases(base, layout, devices: list[torch.device]) -> list:
+    """One Base per stage: `base` itself for stage 0 and every stage on its device; a stage on another device
+    loads only its layers (and, the last, the final norm and LM head) there, computing as `base` does."""
     dtype = str(base.dtype).removeprefix("torch.")
-    return [base] + [load_base(str(base.folder), dtype=dtype, device=f"cuda:{first + i}", layers=r, embedding=False,
-                               lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
-                     for i, r in enumerate(layout) if i > 0]
+    bases = [base]
+    for i, (layers, device) in enumerate(zip(layout[1:], devices[1:]), start=1):
+        if device == base.device:
+            bases.append(base)
+            continue
+        other = load_base(str(base.folder), dtype=dtype, device=device, layers=layers, embedding=False,
+                          lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
+        other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+        bases.append(other)
+    return bases
 
 
 def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: int = 1) -> dict:
@@ -181,9 +193,8 @@ class Decoder:
                                          batch_invariant=base.batch_invariant, compile=base.runtime.compile,
                                          rows=base.runtime.rows)
             else:
-                bases = stage_bases(base, self.layout, self.placement)
-                for other in bases[1:]:  # the other GPUs' bases compute exactly as this one does
-                    other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+                devices = stage_devices(base.device, len(self.layout), self.placement)
+                bases = stage_bases(base, self.layout, devices)
                 self.local = LocalPipeline(bases, head, [(r.start, r.stop) for r in self.layout], self.placement)
 
     def warm_up(self, prompt_ids: list[int], tokens: int, longest: int = 0, **kwargs) -> None:

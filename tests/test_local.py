@@ -2,6 +2,7 @@
 after another, so these tests cover the schedule (ticks, hand-offs, flushes, verdicts), not the overlap."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -242,3 +243,35 @@ def test_a_capturing_stage_compiles_without_torchs_own_graphs(tiny_base, heads):
         assert stage.range.runtime is first  # one copy per stage: its compiled functions are reused per request
     finally:
         tiny_base.set_runtime()
+
+
+def test_stages_on_their_own_bases(tiny_base, tiny_model_dir, heads, reference):
+    """placement=devices on a CPU: each later stage loads only its layers (the last, also the LM head) as its own
+    Base, as it would on its own GPU, and the answers are still AR's."""
+    from decode.decoder import stage_bases, stage_devices
+
+    cpu = torch.device("cpu")
+    assert stage_devices("cuda:1", 3, "devices") == [torch.device("cuda", i) for i in (1, 2, 3)]
+    assert stage_devices("cuda", 2, "streams") == [torch.device("cuda")] * 2
+    assert stage_devices("cpu", 2, "devices") == [cpu, cpu]
+    layout = [range(0, 2), range(2, 4), range(4, 6)]
+    other = torch.device("meta")  # any device but the base's: stage_bases loads those stages separately
+    fake = types.SimpleNamespace(device=cpu, dtype=tiny_base.dtype, folder=tiny_model_dir,
+                                 batch_invariant=False, runtime=tiny_base.runtime)
+    loaded = []
+    import decode.decoder as decoder
+    real = decoder.load_base
+
+    def load_on_cpu(name, **kwargs):
+        loaded.append((kwargs["layers"], kwargs["embedding"], kwargs["lm_head"]))
+        return real(name, **kwargs | {"device": "cpu"})
+
+    decoder.load_base = load_on_cpu
+    try:
+        bases = stage_bases(fake, layout, [cpu, other, other])
+    finally:
+        decoder.load_base = real
+    assert loaded == [(range(2, 4), False, False), (range(4, 6), False, True)]
+    bases[0] = tiny_base
+    pipe = LocalPipeline(bases, heads["mlp"], [(r.start, r.stop) for r in layout], placement="devices")
+    assert [run_to_end(pipe.decode(p, 24)).tokens for p in PROMPTS] == reference
