@@ -31,6 +31,7 @@ class Generation:
     drafts_verified: int = 0          # drafts made from the verified prefix and checked by the full model
     drafts_accepted: int = 0          # of those, equal to (greedy) / accepted as (sampling) the model's token
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per verification step/run
+    first_token_s: float | None = None  # seconds from the call to the first token (prefill + its verdict; set by Decoder)
     stats: dict = field(default_factory=dict)  # method-specific timings (listed where ar.py, eesd.py, ppsd.py build it)
 
     @property

@@ -6,12 +6,15 @@
             ...
 
 For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
-ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them.
+ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
+`placement` (`resolve_placement`): CUDA streams of one GPU or the GPUs of this node, driven by this process
+(decode/local.py), or stage processes (decode/pipeline.py).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,7 @@ from decode.ar import ar_decode, repeatable_step
 from decode.common import Generation
 from decode.eesd import eesd_decode
 from decode.layout import measure_costs, split_layers
+from decode.local import LocalPipeline
 from decode.pipeline import Pipeline
 from decode.ppsd import ppsd_decode
 from decode.protocol import PipelineError
@@ -28,7 +32,7 @@ from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError
 from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
-from heads.schema import METHODS
+from heads.schema import METHODS, PLACEMENTS
 
 
 def resolve_base_model(head_path: str | None, model: str | None) -> str:
@@ -51,13 +55,59 @@ def resolve_base_model(head_path: str | None, model: str | None) -> str:
 
 def resolve_device(requested: str | None) -> str:
     """Where this process puts the base and head. Under torchrun (WORLD_SIZE > 1) "auto" (or null) and
-    "cuda" mean this rank's GPU, cuda:LOCAL_RANK, when CUDA is available; a single process with "auto"
-    stays on the CPU (its spawned stages talk over gloo on one machine: pass device=cuda to use a GPU)."""
+    "cuda" mean this rank's GPU, cuda:LOCAL_RANK, when CUDA is available; a single process with "auto" takes
+    the GPU when there is one, else the CPU."""
     requested = "auto" if requested is None else str(requested)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun and torch.cuda.is_available() and requested in ("auto", "cuda"):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu" if requested == "auto" else requested
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolve_placement(placement: str, device: str | torch.device, stages: int, torchrun: bool = False) -> str:
+    """Where ppsd's stages run. auto: stage processes on a CPU (each its own threads) and under torchrun (the
+    ranks are the stages); on CUDA one process drives them: on GPUs i..i+S-1 of this node when there are that
+    many (`devices`), else on streams of one GPU (`streams`)."""
+    if placement not in PLACEMENTS:
+        raise UserError(f"placement={placement}: use one of {', '.join(PLACEMENTS)}")
+    device = torch.device(device)
+    if placement == "auto":
+        if torchrun or device.type != "cuda":
+            return "processes"
+        return "devices" if torch.cuda.device_count() - (device.index or 0) >= stages > 1 else "streams"
+    if torchrun and placement != "processes":
+        raise UserError(f"placement={placement} drives every stage from one process: under torchrun use "
+                        "placement=processes (the ranks are the stages), or run one process without torchrun")
+    if placement == "devices" and device.type == "cuda" and torch.cuda.device_count() - (device.index or 0) < stages:
+        raise UserError(f"placement=devices puts stage i on GPU i: {stages} stages need {stages} GPUs from {device}, "
+                        f"this node has {torch.cuda.device_count()}; use placement=streams (one GPU) or fewer stages")
+    return placement
+
+
+def stage_devices(device: str | torch.device, stages: int, placement: str) -> list[torch.device]:
+    """Stage i's device: GPU first + i with placement=devices, else `device` for every stage."""
+    device = torch.device(device)
+    if placement != "devices" or device.type != "cuda":
+        return [device] * stages
+    return [torch.device("cuda", (device.index or 0) + i) for i in range(stages)]
+
+
+def stage_bases(base, layout, devices: list[torch.device]) -> list:
+    """One Base per stage: `base` itself for stage 0 and every stage on its device; a stage on another device
+    loads only its layers (and, the last, the final norm and LM head) there, computing as `base` does."""
+    dtype = str(base.dtype).removeprefix("torch.")
+    bases = [base]
+    for i, (layers, device) in enumerate(zip(layout[1:], devices[1:]), start=1):
+        if device == base.device:
+            bases.append(base)
+            continue
+        other = load_base(str(base.folder), dtype=dtype, device=device, layers=layers, embedding=False,
+                          lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
+        other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+        bases.append(other)
+    return bases
 
 
 def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: int = 1) -> dict:
@@ -93,13 +143,16 @@ class Decoder:
                  head=None, stages: int = 2, stage_layers=None, gamma: int = 4, dtype: str = "float32",
                  threads: int | None = None, stage_threads: int = 1, window: int | None = None,
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, device: str = "cpu",
-                 exit_layer: int | None = None, batch_invariant: bool | None = None, compile: bool = False):
+                 exit_layer: int | None = None, batch_invariant: bool | None = None, compile: bool = False,
+                 placement: str = "auto"):
         if method not in METHODS:
             raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
         self.method, self.gamma, self.window = method, gamma, window
         self.threads = threads or torch.get_num_threads()
         self.stage_threads = stage_threads
-        self.pipeline = None
+        self.pipeline = None   # stage processes (placement=processes)
+        self.local = None      # or stages driven by this process (placement=streams | devices)
+        self.placement = None
         self.watched: list = []  # pipelines checked between tokens (evaluate.run: every ppsd decoder's)
         self.last_generation: Generation | None = None
         if gamma < 1:
@@ -130,13 +183,19 @@ class Decoder:
                                        layer_costs=[layer_s] * base.num_layers, lm_head_cost=lm_head_s,
                                        stage_layers=stage_layers)
             torchrun = dist.is_initialized()
-            stage_dtype = str(base.dtype).removeprefix("torch.")  # the stages compute exactly as this base does
-            self.pipeline = Pipeline(str(base.folder), stage_dtype, self.layout, spawn=not torchrun,
-                                     stage_threads=stage_threads, timeout_s=timeout_s,
-                                     worker_timeout_s=worker_timeout_s, device=device,
-                                     vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                                     batch_invariant=base.batch_invariant, compile=base.runtime.compile,
-                                     rows=base.runtime.rows)
+            self.placement = resolve_placement(placement, base.device, len(self.layout), torchrun)
+            if self.placement == "processes":
+                stage_dtype = str(base.dtype).removeprefix("torch.")  # the stages compute exactly as this base does
+                self.pipeline = Pipeline(str(base.folder), stage_dtype, self.layout, spawn=not torchrun,
+                                         stage_threads=stage_threads, timeout_s=timeout_s,
+                                         worker_timeout_s=worker_timeout_s, device=device,
+                                         vocab_size=base.vocab_size, hidden_size=base.hidden_size,
+                                         batch_invariant=base.batch_invariant, compile=base.runtime.compile,
+                                         rows=base.runtime.rows)
+            else:
+                devices = stage_devices(base.device, len(self.layout), self.placement)
+                bases = stage_bases(base, self.layout, devices)
+                self.local = LocalPipeline(bases, head, [(r.start, r.stop) for r in self.layout], self.placement)
 
     def warm_up(self, prompt_ids: list[int], tokens: int, longest: int = 0, **kwargs) -> None:
         """First calls allocate and capture graphs: keep them out of the timings. On a static runtime the prompt is
@@ -146,6 +205,8 @@ class Decoder:
             prompt_ids = (prompt_ids * (longest // len(prompt_ids) + 1))[:longest - tokens]
         if tokens > 0:
             self.generate(prompt_ids, tokens, **kwargs)
+        if self.local is not None:  # what one tick costs, each stage alone and together: theory's inputs
+            self.local.measure_ticks(prompt_ids[-64:])
 
     @property
     def stages(self) -> int:
@@ -166,27 +227,32 @@ class Decoder:
         stop = self.stop_ids if stop_at_eos else frozenset()
         common = dict(temperature=temperature, seed=seed, stop_ids=stop)
         previous = torch.get_num_threads()
-        torch.set_num_threads(self.stage_threads if self.method == "ppsd" else self.threads)
+        torch.set_num_threads(self.stage_threads if self.pipeline is not None else self.threads)
         try:
             if self.method == "ar":
                 loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
             elif self.method == "eesd":
                 loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma, oracle=oracle,
                                    **common)
+            elif self.local is not None:
+                loop = self.local.decode(prompt_ids, max_new_tokens, oracle=oracle, **common)
             else:
                 if self.pipeline is None or self.pipeline.closed:
                     raise UserError("this ppsd Decoder is closed: create a new one")
                 loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
                                    window=self.window, **common)
             watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+            start, first_token_s = time.perf_counter(), None
             try:
                 while True:
                     token = next(loop)
+                    first_token_s = first_token_s or time.perf_counter() - start
                     for pipeline in watched:
                         pipeline.check_alive()
                     yield token
             except StopIteration as stop_iteration:
                 self.last_generation = stop_iteration.value
+                self.last_generation.first_token_s = first_token_s
             finally:
                 loop.close()
         except PipelineError:

@@ -121,11 +121,15 @@ def summarize(gens_by_method: dict[str, list[Generation]], cats_by_method: dict[
     for name, gens in gens_by_method.items():
         figs = figures(gens)
         figs["speedup_vs_ar"] = figs["tokens_per_s"] / ar_figs["tokens_per_s"] if ar_figs else None
+        ar_decode_tps = ar_figs["decode_tokens_per_s"] if ar_figs else None
+        figs["decode_speedup_vs_ar"] = (figs["decode_tokens_per_s"] / ar_decode_tps
+                                        if ar_decode_tps and figs["decode_tokens_per_s"] else None)
         figs["spec_bench_speedup"] = spec_bench(name)
         pred = predict(name, gens, t_ar, gamma, figs["acceptance_rate"])
         figs.update(pred)
         p = pred.get("predicted_speedup")
-        figs["measured_over_predicted"] = figs["speedup_vs_ar"] / p if p and figs["speedup_vs_ar"] else None
+        measured = figs["decode_speedup_vs_ar"] or figs["speedup_vs_ar"]  # the prediction leaves prefill out
+        figs["measured_over_predicted"] = measured / p if p and measured else None
         by_cat: dict[str, list] = defaultdict(list)
         for g, c in zip(gens, cats_by_method[name]):
             by_cat[c].append(g)
@@ -223,7 +227,7 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
           + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""), flush=True)
     kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
                   threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
-                  device=device, compile=resolve_compile(cfg.compile, device))
+                  device=device, compile=resolve_compile(cfg.compile, device), placement=cfg.placement)
     decoders = {}
     try:
         head = None
@@ -274,6 +278,7 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         "method": cfg.method,
         "stages": decoders[cfg.method].stages if cfg.method == "ppsd" else 1,
         "stage_layers": [[r.start, r.stop] for r in decoders["ppsd"].layout] if "ppsd" in decoders else None,
+        "placement": decoders["ppsd"].placement if "ppsd" in decoders else None,
         "exit_layer": exit_layer,
         "model": base.name,
         "head_path": cfg.head_path,
@@ -290,11 +295,15 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         "questions": len(questions),
         "acceptance_rate": main["acceptance_rate"],
         "mean_accepted_length": main["mean_accepted_length"],
-        "tokens_per_s": main["tokens_per_s"],
+        "tokens_per_s": main["tokens_per_s"],            # every new token / all wall time, prefill included
+        "decode_tokens_per_s": main["decode_tokens_per_s"],  # tokens after each answer's first / the time after it
         "speedup_vs_ar": main["speedup_vs_ar"],
+        "decode_speedup_vs_ar": main["decode_speedup_vs_ar"],
         "spec_bench_speedup": main["spec_bench_speedup"],  # Spec-Bench speed.py's figure
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
+        # stages driven by one process: a full tick against its stages one after another (1: no overlap, S: all)
+        "stage_overlap": (main.get("tick_costs") or {}).get("overlap"),
         "lossless": not mismatches if cfg.temperature <= 0 else None,
         "mismatches": mismatches[:20],
         "fastest_method": summary["fastest_method"],

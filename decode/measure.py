@@ -4,7 +4,8 @@ The one home of every figure the commands report (decode/evaluate.py's summary, 
 and scripts/sweep.py through decode's JSON):
 
 - acceptance α (drafts accepted / drafts verified) and speed: Spec-Bench's tokens/s (all new tokens over
-  all wall time, prefill included: `figures`) and the benchmark's s/token (decode time, first token to
+  all wall time, prefill included: `figures`' tokens_per_s), decode tokens/s (the tokens after each answer's
+  first over the time after it, prefill excluded: `figures`' decode_tokens_per_s) and the benchmark's s/token (decode time, first token to
   last, prefill excluded: `TimedRun`);
 - the costs theory needs, measured inside a run: one AR step (`ar_token_s`), an EESD draft step and
   verify pass per position count (`eesd_costs`), a PPSD pipeline's stage costs and feedback
@@ -41,7 +42,11 @@ def figures(gens: Sequence[Generation]) -> dict:
     tokens = sum(g.new_tokens for g in gens)
     wall = sum(g.wall_time for g in gens)
     lengths = [n for g in gens for n in g.accept_lengths]
+    timed = [g for g in gens if g.first_token_s is not None]  # after the first token: decode alone, no prefill
+    after_first = sum(g.wall_time - g.first_token_s for g in timed)
+    decode_tps = sum(g.new_tokens - 1 for g in timed) / after_first if after_first > 0 else None
     return {"new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "decode_tokens_per_s": decode_tps,
             "acceptance_rate": acceptance(gens),
             "drafts_verified": sum(g.drafts_verified for g in gens),
             "drafts_accepted": sum(g.drafts_accepted for g in gens),
@@ -153,6 +158,14 @@ def ppsd_time(alpha: float, model: dict, stage_s: list[float] | None = None) -> 
     return theory.ppsd_time_per_token(alpha, stage_s, model["feedback_s"], model["window"], head_s, model["poll"])
 
 
+def local_time_per_token(alpha: float, prefix_s: list[float]) -> float:
+    """PPSD time per token when one process drives the stages (decode/local.py), from its measured ticks:
+    `prefix_s[j]` is a tick in which stages 0..j run (on one GPU they overlap, so the full tick costs less than
+    its stages one after another). Every token takes a full tick, and a rejected one (1 - α) also the S - 1
+    refill ticks after its flush."""
+    return prefix_s[-1] + (1 - alpha) * sum(prefix_s[:-1])
+
+
 def ppsd_tick_latency(model: dict) -> tuple[float, float]:
     """theory's tick and flush latency for a `pipeline_model`."""
     pipe = (model["stage_s"], model["feedback_s"], model["window"], model["head_s"])
@@ -172,6 +185,11 @@ def predict(method: str, gens: Sequence[Generation], t_ar: float | None, gamma: 
         return {"predicted_speedup": theory.eesd_speedup(alpha, gamma, draft_s, nearest, t_ar),
                 "draft_s": draft_s, "verify_s": verify_s,
                 "best_gamma": theory.best_eesd_gamma(alpha, draft_s, nearest, t_ar)}
+    ticks = gens[0].stats.get("tick_costs")
+    if gens[0].stats.get("placement") in ("streams", "devices"):  # one process drives the stages: measured ticks
+        if not ticks:
+            return {"predicted_speedup": None}
+        return {"predicted_speedup": t_ar / local_time_per_token(alpha, ticks["prefix_s"]), "tick_costs": ticks}
     model = pipeline_model(gens)
     return {"predicted_speedup": t_ar / ppsd_time(alpha, model)} | model
 

@@ -19,6 +19,7 @@ from heads.errors import UserError
 
 HEAD_TYPES = ("mlp", "transformer")
 METHODS = ("ar", "eesd", "ppsd")
+PLACEMENTS = ("auto", "streams", "devices", "processes")  # where ppsd's stages run (decode/decoder.py)
 LOSSES = ("kl", "ce", "mix")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 BENCHMARK_MODES = ("all", "measure", "oracle", "theory", "runtime")
@@ -313,6 +314,7 @@ DECODE = Spec("decode", {
     "stage_layers": list_of(list_of(integer(0)), null=True),
     "stage_threads": threads(),
     "window": integer(1, null=True),
+    "placement": choice(*PLACEMENTS, what="placement"),
     "gamma": integer(1),
     "timeout_s": number(0, above=True),
     "warmup": flag(),

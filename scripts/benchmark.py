@@ -177,7 +177,9 @@ def run_benchmark(cfg: DictConfig) -> dict:
               "device": str(base.device), "load_average": round(load, 2),
               "ar_ms_per_token": t_ar / MS, "ar_1thread_ms_per_token": ar1_run.s_per_token / MS}
 
-    with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, window=cfg.window, **common) as ppsd:
+    # the oracle sweep models stage processes (pipeline_model); decode compares every placement (scripts.gpu_check)
+    with Decoder("ppsd", stages=cfg.stages, stage_threads=cfg.stage_threads, window=cfg.window,
+                 placement="processes", **common) as ppsd:
         ppsd.warm_up(prompt_ids[0], cfg.warmup_tokens, longest)
         layout = ppsd.layout
         result["stage_layers"] = [[r.start, r.stop] for r in layout]

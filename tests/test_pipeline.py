@@ -192,4 +192,4 @@ def test_nccl_uses_this_ranks_gpu(monkeypatch):
     assert calls == [("init", "gloo")] and resolve_device("auto") == "cpu"
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cpu" and resolve_device("cuda") == "cuda"  # one process: as asked
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"  # one process: its GPU, or as asked

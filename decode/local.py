@@ -1,0 +1,316 @@
+"""PPSD with one controller process driving every stage: `placement=streams` (every stage on one GPU, each on
+its own CUDA stream) or `placement=devices` (stage i on GPU i of this node). No process boundary, no host copy
+of a hidden state: a stage hands its output to the next on the device, ordered by CUDA events.
+
+The schedule is a clock of ticks. In one tick stage 0 runs the newest position (layers [0, E), the exit head,
+the draft) while stage j runs the position stage j-1 ran in the tick before; the last stage's logits give the
+model's token for the position after the one it ran, which is the verdict on the draft that entered there. The
+host enqueues every stage's work for the tick before it waits on anything, then reads one small tensor, the
+verdict and the next draft together. A rejection crops every stage's cache to the rejected position, and stage
+0 restarts from the model's token while the later stages idle until the new positions reach them.
+
+Greedy: accept iff draft == the model's argmax, so the output is AR's token for token (the same layer calls
+on the same caches as AR). Sampling: the one-draft speculative rule (decode.common.verify), exact whatever
+the head. On a CPU there are no streams: the same code runs the stages one after another, which tests the
+schedule, not the overlap.
+
+On CUDA each stage's one-position step is captured by hand as a `torch.cuda.CUDAGraph` on the stage's own
+stream and memory pool (torch.compile's CUDA-graph trees assume the current stream), replayed once per tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+from decode.common import Generation, choose, head_logits, make_generator, positions, verify
+from heads.runtime import cache_len_for
+
+PLACEMENTS = ("streams", "devices")
+
+
+class Stage:
+    """Layers [start, end) of `base` on one device and stream, with fixed input/output buffers so that its
+    one-position step can be replayed as a captured graph. Stage 0 also runs the embedding, the exit head and
+    the draft's argmax; the last stage the final norm, the LM head and the model's argmax."""
+
+    def __init__(self, base, start: int, end: int, *, head=None, last: bool = False, stream=None):
+        self.base, self.start, self.end, self.head, self.last = base, start, end, head, last
+        self.device = base.device
+        self.stream = stream
+        self.capturable = stream is not None  # CUDA graphs need a CUDA stream
+        self.graphs: dict = {}  # cache identity -> captured graph (a new cache buffer means a new capture)
+        self.capture_s = 0.0
+        self.graph_error: str | None = None
+        self.range = None
+        self.runtime = None  # this stage's own runtime settings, where they differ from the base's
+        d = dict(device=self.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, **d)
+        self.token = torch.zeros(1, 1, dtype=torch.long, **d)              # stage 0's input token
+        self.hidden_in = torch.zeros(1, 1, base.hidden_size, dtype=base.dtype, **d)
+        self.hidden_out = torch.zeros(1, 1, base.hidden_size, dtype=base.dtype, **d)
+        self.logits = torch.zeros(base.vocab_size, dtype=torch.float32, **d)  # draft (stage 0) or model logits
+        self.choice = torch.zeros(1, dtype=torch.long, **d)                 # their argmax
+        self.done = torch.cuda.Event() if stream is not None else None     # hidden_out written
+        self.taken = torch.cuda.Event() if stream is not None else None    # hidden_in copied from the previous stage
+
+    @property
+    def first(self) -> bool:
+        return self.head is not None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def begin(self) -> None:
+        """A new request: a fresh range over this base's (reused) static cache. On CUDA its compiled steps are
+        inductor's kernels without torch's own CUDA graphs: this stage captures its whole step itself (the base's
+        runtime, shared with AR and EESD, keeps its own settings)."""
+        self.range = self.base.range(self.start, self.end)
+        if self.capturable and self.range.runtime.compile_mode == "reduce-overhead":
+            if self.runtime is None:
+                self.runtime = dataclasses.replace(self.range.runtime, compile_mode=None, captured=set(),
+                                                   functions={})
+            self.range.runtime = self.runtime
+
+    @torch.inference_mode()
+    def prefill(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The prompt through this stage (token ids for stage 0, else hidden states): eager, like every method's
+        prefill, on the current stream (`LocalPipeline._sync` orders the stage streams after it). Returns the hidden
+        states; the last position's logits and argmax land in the buffers."""
+        hidden = self.base.embed(inputs) if self.first else inputs.to(self.device)
+        pos = positions(0, hidden.shape[1], self.device)
+        hidden = self.range.forward(hidden, pos)
+        self._finish(hidden, pos)
+        return hidden
+
+    def _finish(self, hidden: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.first:
+            self.logits.copy_(head_logits(self.base, self.head, self.range, hidden, pos).float())
+        elif self.last:
+            self.logits.copy_(self.base.logits(hidden[:, -1:])[0, -1].float())
+        self.choice.copy_(torch.argmax(self.logits).view(1))
+        self.hidden_out.copy_(hidden[:, -1:])
+
+    def _step(self) -> None:
+        """One position from the fixed buffers to the fixed buffers: what a graph captures."""
+        hidden = self.base.embed(self.token) if self.first else self.hidden_in
+        hidden = self.range.forward(hidden, self.position)
+        self._finish(hidden, self.position)
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions before any step is replayed (a graph cannot grow a cache)."""
+        if self.range.runtime.static and length > self.range.cache.max_len:
+            self.range._grow(cache_len_for(length))
+
+    @torch.inference_mode()
+    def run(self, position: int, previous: "Stage | None" = None, token: int = 0) -> None:
+        """Enqueue this stage's step at `position` on its stream. Its input: the hidden state of `previous` (the
+        stage before, copied on the device) or, for stage 0, `token` (a host value written without a sync)."""
+        with self.context():
+            if previous is not None:
+                if self.stream is not None:
+                    self.stream.wait_event(previous.done)
+                self.hidden_in.copy_(previous.hidden_out, non_blocking=True)
+                if self.taken is not None:
+                    self.taken.record(self.stream)
+            else:
+                self.token.fill_(token)
+            self.position.fill_(position)
+            graph = self._graph()
+            if graph is None:
+                self._step()
+            else:
+                graph.replay()
+                self.range.length += 1  # what the step's Python would have counted
+            if self.done is not None:
+                self.done.record(self.stream)
+
+    def _graph(self):
+        """This stage's captured step for its current cache, captured on first use. None (the step runs uncaptured)
+        on a CPU, for a prefill, on a dynamic cache (it grows by concatenation: nothing a graph can replay), and
+        after a capture failed, which is said once."""
+        if not self.capturable or not self.range.runtime.static or self.graph_error or self.range.length == 0:
+            return None
+        key = id(self.range.cache), self.range.cache.max_len
+        if key not in self.graphs:
+            begin = time.perf_counter()
+            length = self.range.length
+            try:
+                self._step()  # compiles (if compiled) and allocates outside the capture
+                self.range.crop(length)
+                graph = self._capture()
+            except Exception as e:  # noqa: BLE001 - an uncapturable step still runs, only slower
+                self.graph_error = f"{type(e).__name__}: {e}".splitlines()[0]
+                print(f"warning: stage [{self.start}, {self.end}) runs uncaptured ({self.graph_error})", flush=True)
+                self.range.crop(length)
+                return None
+            self.range.crop(length)  # the captured step's Python ran but its kernels did not; the warm-up's is undone
+            self.graphs[key] = graph
+            self.capture_s += time.perf_counter() - begin
+        return self.graphs[key]
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._step()
+        return graph
+
+    def release(self, later: "Stage") -> None:
+        """This stage's output buffer may be overwritten only after `later` took its copy."""
+        if self.stream is not None and later.taken is not None:
+            self.stream.wait_event(later.taken)
+
+
+class LocalPipeline:
+    """PPSD stages driven by this process. `bases[i]` holds stage i's layers (the same Base for every stage with
+    placement=streams; one per GPU with placement=devices); `layout` lists each stage's (start, end)."""
+
+    def __init__(self, bases, head, layout, placement: str = "streams"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement={placement}: a local pipeline is one of {PLACEMENTS}")
+        if len(bases) != len(layout) or len(layout) < 2:
+            raise ValueError("a local pipeline needs one base per stage and at least two stages")
+        self.placement, self.layout, self.head = placement, list(layout), head
+        self.tick_costs: dict | None = None  # the latest measure_ticks
+        cuda = bases[0].device.type == "cuda"
+        self.stages = []
+        for i, (base, (start, end)) in enumerate(zip(bases, layout)):
+            stream = torch.cuda.Stream(device=base.device) if cuda else None
+            self.stages.append(Stage(base, start, end, head=head if i == 0 else None, last=i == len(layout) - 1,
+                                     stream=stream))
+
+    @property
+    def capture_s(self) -> float:
+        return sum(s.capture_s for s in self.stages)
+
+    def _tick(self, work: dict[int, int], token: int) -> None:
+        """Enqueue one tick: `work` maps stage -> position; stage 0's input is `token`.
+        Later stages first, so each takes its input before the stage before it overwrites it (on a CPU that order
+        is the hand-off; on streams an event)."""
+        for j in sorted(work, reverse=True):
+            stage = self.stages[j]
+            if j + 1 in work:
+                stage.release(self.stages[j + 1])
+            stage.run(work[j], self.stages[j - 1] if j > 0 else None, token)
+
+    def _read(self) -> tuple[int, int]:
+        """The tick's one device-to-host read: the model's token (last stage) and the next draft (stage 0)."""
+        first, last = self.stages[0], self.stages[-1]
+        if first.stream is not None:
+            current = torch.cuda.current_stream(first.device)
+            for stage in self.stages:
+                current.wait_event(stage.done)
+        model_token, draft = torch.cat([last.choice.to(first.device, non_blocking=True), first.choice]).tolist()
+        return model_token, draft
+
+    def _sync(self) -> None:
+        """Stage streams wait for what the current stream enqueued (a prefill, a crop of the caches)."""
+        for stage in self.stages:
+            if stage.stream is not None:
+                stage.stream.wait_stream(torch.cuda.current_stream(stage.device))
+
+    def _crop(self, length: int) -> None:
+        for stage in self.stages:
+            stage.range.crop(length)
+        self._sync()
+
+    def _prefill(self, prompt_ids: list[int], reserve: int) -> None:
+        for stage in self.stages:
+            stage.begin()
+        hidden = torch.tensor([prompt_ids], device=self.stages[0].device)
+        for stage in self.stages:
+            hidden = stage.prefill(hidden)
+            stage.reserve(reserve)
+        self._sync()
+
+    @torch.inference_mode()
+    def decode(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+               stop_ids=frozenset(), oracle=None):
+        """Yield tokens as they are verified; return the Generation."""
+        start = time.perf_counter()
+        first, last, s = self.stages[0], self.stages[-1], len(self.stages)
+        draft_rng, verify_rng = make_generator(seed), make_generator(seed + 1)
+        n_prompt = len(prompt_ids)
+        last_useful = n_prompt + max_new_tokens - 2  # position p yields generated token p + 1 - n_prompt
+
+        def draft(pos: int, computed: int) -> tuple[int, torch.Tensor | None]:
+            """Stage 0's draft for position pos + 1, made from its logits at pos, and its distribution q."""
+            if temperature > 0:
+                return choose(first.logits, temperature, draft_rng)
+            return (computed if oracle is None else oracle.draft(pos + 1 - n_prompt, computed)), None
+
+        self._prefill(prompt_ids, n_prompt + max_new_tokens + s)
+        model_token, computed = self._read()
+        prefill_s = time.perf_counter() - start
+        entered = {n_prompt: draft(n_prompt - 1, computed)}  # position -> (token stage 0 runs there, its q)
+        verdict_pos = n_prompt - 1  # the position whose logits the last stage holds (None: it did not run)
+        inbox: dict[int, int] = {}  # stage (> 0) -> the position it runs next tick
+        tokens, accept_lengths, run, verified, accepted, ticks, flushes = [], [], 0, 0, 0, 0, 0
+        while True:
+            if verdict_pos is not None:  # the model's token after verdict_pos, the verdict on what entered there
+                drafted, q = entered[verdict_pos + 1]
+                if temperature > 0:
+                    token, ok = verify(last.logits, drafted, q, temperature, verify_rng)
+                else:
+                    token, ok = model_token, model_token == drafted
+                tokens.append(token)
+                verified, accepted, run = verified + 1, accepted + ok, run + 1
+                yield token
+                if token in stop_ids or len(tokens) >= max_new_tokens:
+                    break
+                if not ok:  # flush: every stage forgets the positions after verdict_pos
+                    accept_lengths.append(run)
+                    run, flushes = 0, flushes + 1
+                    self._crop(verdict_pos + 1)
+                    inbox, entered = {}, {verdict_pos + 1: (token, None)}
+            work = dict(inbox)
+            pos = max(entered)
+            x = entered[pos][0]
+            if pos <= last_useful and x not in stop_ids:  # else nothing after it could be emitted
+                work[0] = pos
+            if not work:
+                raise RuntimeError("ppsd: no stage has work and no verdict is due (decoder bug)")
+            self._tick(work, x)
+            ticks += 1
+            model_token, computed = self._read()
+            verdict_pos = work.get(s - 1)
+            inbox = {j + 1: p for j, p in work.items() if j + 1 < s}
+            if 0 in work:
+                entered[pos + 1] = draft(pos, computed)
+        if run:
+            accept_lengths.append(run)
+        return Generation(tokens=tokens, method="ppsd", wall_time=time.perf_counter() - start, prompt_tokens=n_prompt,
+                          drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
+                          stats={"placement": self.placement, "ticks": ticks, "flushes": flushes,
+                                 "prefill_s": prefill_s, "capture_s": self.capture_s,
+                                 "layers": [list(r) for r in self.layout],
+                                 "uncaptured": [st.graph_error for st in self.stages if st.graph_error],
+                                 "tick_costs": self.tick_costs})
+
+    @torch.inference_mode()
+    def measure_ticks(self, prompt_ids: list[int], repeats: int = 20) -> dict:
+        """Seconds per tick in which stages 0..j run (j = 0 .. S-1), each at the prompt's next position and then
+        rolled back: the refill ticks after a flush, and the full tick. `overlap` is how much faster the full
+        tick is than its stages one after another (1: none; S: perfect)."""
+        n = len(prompt_ids)
+        self._prefill(prompt_ids, n + len(self.stages) + 1)
+
+        def timed(work) -> float:
+            times = []
+            for i in range(repeats + 2):  # the first two capture and warm up
+                begin = time.perf_counter()
+                self._tick(work, int(prompt_ids[-1]))
+                self._read()
+                if i >= 2:
+                    times.append(time.perf_counter() - begin)
+                self._crop(n)
+            return sorted(times)[len(times) // 2]
+
+        alone = [timed({j: n}) for j in range(len(self.stages))]
+        prefix = [timed({i: n for i in range(j + 1)}) for j in range(len(self.stages))]
+        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1]}
+        return self.tick_costs
+
