@@ -223,7 +223,8 @@ def format_tp_table(rows: Sequence[dict]) -> str:
     lines = []
     for stages, per_alpha in by_stages.items():
         first = next(iter(per_alpha.values()))
-        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}"]
+        rule = "*" if first.get("tp_layer_source") == "1/S rule" else ""  # a layer at 1/S, no measured shard
+        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}{rule}"]
         cells += [f"{per_alpha[a]['ppsd_speedup_vs_tp']:.2f}×" if a in per_alpha else "" for a in alphas]
         lines.append(cells)
     return _markdown(["S", "E", "TP-AR ms"] + [f"α={a:g}" for a in alphas], lines)

@@ -42,11 +42,13 @@ def theory_table(t: DictConfig) -> tuple[list[dict], str]:
         alphas=list(t.alphas), stages_list=list(t.stages), exit_layers=exit_layers, embed_s=t.embed_ms * MS,
         feedback_s=None if t.feedback_ms is None else t.feedback_ms * MS, verify_batch_slope=t.verify_batch_slope,
         allreduce_s=None if t.allreduce_ms is None else t.allreduce_ms * MS,
+        tp_shard_s={int(k): v * MS for k, v in (t.get("tp_shard_ms") or {}).items()},
     )
     table = format_table(rows)
     if t.allreduce_ms is not None:
         table += ("\n\nPPSD over AR tensor-parallel on the same S devices "
-                  f"(two {t.allreduce_ms} ms all-reduces per layer):\n\n" + format_tp_table(rows))
+                  f"(two {t.allreduce_ms} ms all-reduces per layer; * = a layer at 1/S, no measured shard):\n\n"
+                  + format_tp_table(rows))
     return rows, table
 
 
