@@ -3,7 +3,8 @@ sees one line, never a secret.
 
 - Hydra's own errors (an unknown group choice such as `head=foo`, an unknown key, a malformed override)
   become `error: ...` and exit 2 instead of Hydra's multi-line message and exit 1.
-- The config is validated against the command's schema (heads/schema.py) before the command starts.
+- The config is checked against the command's typed options (heads/schema.py) before the command starts,
+  and the command receives the checked options (not the raw DictConfig): nothing validates twice.
 - An unexpected exception is printed with secrets (Hub tokens) scrubbed, never with Hydra's
   "Error executing job with overrides: [...]" banner, which would echo a `token=` override.
 - Ctrl-C ends with one line (the command's own `finally` blocks stop any processes it started); so does
@@ -24,7 +25,7 @@ import traceback
 
 from heads.errors import UserError
 from heads.files import is_disk_full
-from heads.schema import Spec, validate
+from heads.schema import Options, validate
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 TERMINATED = 143   # ... and by SIGTERM
@@ -104,8 +105,9 @@ def _hydra_message(e: Exception, config_name: str) -> str:
     return first
 
 
-def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = False, sigterm: bool = False):
-    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it.
+def entry_point(config_name: str, options: type[Options] | None, *, one_line_errors: bool = False, sigterm: bool = False):
+    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it; `main`
+    receives the checked `options` (or the DictConfig where `options` is None).
 
     one_line_errors: print any failure as one line (export: nothing it can fail on needs a traceback, and a
     traceback might show the token passed to the Hub client).
@@ -118,9 +120,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
         @functools.wraps(task)  # Hydra finds the config folder and job name from the wrapped function
         def job(cfg):
             try:
-                if spec is not None:
-                    validate(cfg, spec)
-                task(cfg)
+                task(cfg if options is None else validate(cfg, options))
             except UserError as e:
                 fail(str(e), 2, cfg)
             except KeyboardInterrupt:
