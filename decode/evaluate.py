@@ -26,6 +26,7 @@ from decode.measure import ar_token_s, figures, predict
 from heads.base import parse_dtype
 from heads.errors import UserError
 from heads.files import read_prompts, run_folder, staged_files
+from heads.schema import check_gamma
 
 MIN_FREE_BYTES = 1 << 20  # answer files are small: a folder with less free is all but full
 
@@ -193,6 +194,8 @@ def resolve_settings(cfg, quiet: bool = False) -> Settings:
     device = str(check_device(resolve_device(cfg.device)))
     dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
     compile, batch_invariant = resolve_compile(cfg.compile, device, quiet=quiet), wants_batch_invariant(cfg, dtype)
+    if batch_invariant:
+        check_gamma(cfg.gamma)
     return Settings(device, dtype, compile, batch_invariant, padded_rows(compile, batch_invariant, cfg.gamma))
 
 

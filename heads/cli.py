@@ -17,11 +17,13 @@ sees one line, never a secret.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from heads.errors import UserError
 from heads.files import is_disk_full
@@ -64,6 +66,16 @@ class Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def config_dir() -> Path:
+    """Hydra's configs: installed with the package as heads/conf (pyproject's package data), or conf/ beside the
+    packages in a source checkout."""
+    package = Path(str(importlib.resources.files("heads")))
+    for folder in (package / "conf", package.parent / "conf"):
+        if (folder / "train.yaml").is_file():
+            return folder
+    raise UserError(f"no configs in {package / 'conf'} nor {package.parent / 'conf'}: reinstall ppsd (pip install .)")
 
 
 def check_command_line(argv: list[str], config_name: str) -> None:
@@ -137,7 +149,7 @@ def entry_point(config_name: str, options: type[Options] | None, *, one_line_err
                 sys.stderr.write(scrub(traceback.format_exc(), cfg))
                 sys.exit(1)
 
-        run_hydra = hydra.main(version_base="1.3", config_path="../conf", config_name=config_name)(job)
+        run_hydra = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
 
         @functools.wraps(task)
         def main():

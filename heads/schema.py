@@ -68,6 +68,17 @@ class Options(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def check_gamma(gamma: int, key: str = "gamma") -> None:
+    """On batch-invariant kernels EESD's verify pass (gamma + 1 positions) must run row by row, which only calls
+    of at most MAX_ROWS positions do: a longer one is one GEMM again, and bf16 eesd stops being lossless."""
+    from heads.batch_invariant import MAX_ROWS
+
+    if gamma + 1 > MAX_ROWS:
+        raise UserError(f"{key}={gamma} with batch-invariant kernels: a verify pass of gamma + 1 = {gamma + 1} positions "
+                        f"is more than the {MAX_ROWS} that run row by row, so eesd would not stay lossless: pass "
+                        f"{key} <= {MAX_ROWS - 1} (or batch_invariant=false)")
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -256,6 +267,8 @@ class BenchmarkConfig(Options):
     def _a_head_to_measure(self):
         if self.mode in ("measure", "all") and not self.head_path:
             raise UserError(f"mode={self.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
+        if self.batch_invariant:
+            check_gamma(max(self.gammas), "gammas")
         return self
 
 

@@ -119,6 +119,25 @@ def test_cross_key_checks():
         schema.validate(OmegaConf.merge(_decode_cfg(), {"stage_layers": [[1, 2], [2, 3], [3, 4]]}), schema.DecodeConfig)
 
 
+def test_gamma_is_capped_where_batch_invariance_needs_it():
+    """On batch-invariant kernels gamma + 1 positions must run row by row (MAX_ROWS of them at most)."""
+    from decode.evaluate import resolve_settings
+    from heads.batch_invariant import MAX_ROWS
+
+    longest = MAX_ROWS - 1
+    for batch_invariant in (True, "auto"):  # auto: on for eesd in bf16
+        options = {"gamma": longest + 1, "batch_invariant": batch_invariant, "dtype": "bfloat16", "compare": ["eesd"]}
+        with pytest.raises(UserError, match=rf"gamma={longest + 1} with batch-invariant kernels.*gamma <= {longest}"):
+            resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig), quiet=True)
+    assert resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options | {"gamma": longest}),
+                                            schema.DecodeConfig), quiet=True).batch_invariant
+    assert not resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options | {"dtype": "float32"}),
+                                                schema.DecodeConfig), quiet=True).batch_invariant  # fp32: any gamma
+    bench = OmegaConf.merge(_valid("benchmark", None), {"batch_invariant": True, "gammas": [1, longest + 1]})
+    with pytest.raises(UserError, match=rf"gammas={longest + 1} with batch-invariant kernels"):
+        schema.validate(bench, schema.BenchmarkConfig)
+
+
 def _decode_cfg():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return OmegaConf.merge(compose(config_name="decode"), {"prompt": "hi", "head_path": "h"})
