@@ -17,7 +17,7 @@ import torch
 
 from decode.measure import acceptance, figures
 from heads.errors import UserError
-from heads.runtime import MAX_COMPILED_POSITIONS
+from heads.batch_invariant import MAX_ROWS
 
 
 @dataclass
@@ -178,7 +178,7 @@ def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with
     if not (with_logits or head.needs_cache):
         return None  # an MLP head keeps no state between positions
     runtime = lower.runtime
-    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_COMPILED_POSITIONS):  # prefill: eager
+    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_ROWS):  # prefill: eager
         return _head_logits(base, head, hidden, pos, lower.cache, with_logits)
     step = runtime.compiled(("head", id(head), with_logits), functools.partial(_head_logits, base, head,
                                                                                with_logits=with_logits))

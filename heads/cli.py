@@ -3,7 +3,8 @@ sees one line, never a secret.
 
 - Hydra's own errors (an unknown group choice such as `head=foo`, an unknown key, a malformed override)
   become `error: ...` and exit 2 instead of Hydra's multi-line message and exit 1.
-- The config is validated against the command's schema (heads/schema.py) before the command starts.
+- The config is checked against the command's typed options (heads/schema.py) before the command starts,
+  and the command receives the checked options (not the raw DictConfig): nothing validates twice.
 - An unexpected exception is printed with secrets (Hub tokens) scrubbed, never with Hydra's
   "Error executing job with overrides: [...]" banner, which would echo a `token=` override.
 - Ctrl-C ends with one line (the command's own `finally` blocks stop any processes it started); so does
@@ -16,15 +17,17 @@ sees one line, never a secret.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from heads.errors import UserError
 from heads.files import is_disk_full
-from heads.schema import Spec, validate
+from heads.schema import Options, validate
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 TERMINATED = 143   # ... and by SIGTERM
@@ -63,6 +66,16 @@ class Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def config_dir() -> Path:
+    """Hydra's configs: installed with the package as heads/conf (pyproject's package data), or conf/ beside the
+    packages in a source checkout."""
+    package = Path(str(importlib.resources.files("heads")))
+    for folder in (package / "conf", package.parent / "conf"):
+        if (folder / "train.yaml").is_file():
+            return folder
+    raise UserError(f"no configs in {package / 'conf'} nor {package.parent / 'conf'}: reinstall ppsd (pip install .)")
 
 
 def check_command_line(argv: list[str], config_name: str) -> None:
@@ -104,8 +117,9 @@ def _hydra_message(e: Exception, config_name: str) -> str:
     return first
 
 
-def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = False, sigterm: bool = False):
-    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it.
+def entry_point(config_name: str, options: type[Options] | None, *, one_line_errors: bool = False, sigterm: bool = False):
+    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it; `main`
+    receives the checked `options` (or the DictConfig where `options` is None).
 
     one_line_errors: print any failure as one line (export: nothing it can fail on needs a traceback, and a
     traceback might show the token passed to the Hub client).
@@ -118,9 +132,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
         @functools.wraps(task)  # Hydra finds the config folder and job name from the wrapped function
         def job(cfg):
             try:
-                if spec is not None:
-                    validate(cfg, spec)
-                task(cfg)
+                task(cfg if options is None else validate(cfg, options))
             except UserError as e:
                 fail(str(e), 2, cfg)
             except KeyboardInterrupt:
@@ -137,7 +149,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
                 sys.stderr.write(scrub(traceback.format_exc(), cfg))
                 sys.exit(1)
 
-        run_hydra = hydra.main(version_base="1.3", config_path="../conf", config_name=config_name)(job)
+        run_hydra = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
 
         @functools.wraps(task)
         def main():

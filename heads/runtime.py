@@ -29,8 +29,8 @@ from transformers.cache_utils import Cache
 
 from heads.compat import configure_compiler, guard_filter, mark_static, mode_options, static_layer_supported
 
-# Decode steps of at most this many positions run compiled; longer ones run eager.
-MAX_COMPILED_POSITIONS = 16
+from heads.batch_invariant import MAX_ROWS  # decode steps of at most this many positions run compiled, longer ones eager
+
 MIN_CACHE_LEN = 256
 
 
@@ -198,7 +198,7 @@ class LayerRange:
     @torch.inference_mode()  # one grad mode for every call: a compiled graph is captured for one
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
-        if hidden.shape[1] > MAX_COMPILED_POSITIONS and hidden.device.type == "cpu":
+        if hidden.shape[1] > MAX_ROWS and hidden.device.type == "cpu":
             with one_thread():  # a prefill: the same bits in every process, whatever its thread count
                 return self._forward(hidden, position_ids)
         return self._forward(hidden, position_ids)
@@ -211,7 +211,7 @@ class LayerRange:
             rows = self.runtime.rows
             # A prefill (the first call after a reset) runs eager whatever its length: every method and stage then
             # prefills alike, and a cache is first filled outside a graph (transformers' advice for CUDA graphs).
-            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_COMPILED_POSITIONS)
+            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_ROWS)
             if self.length + max(count, rows if compiled else 0) > self.cache.max_len:
                 self._grow(self.length + max(count, rows))
             if compiled:

@@ -27,7 +27,7 @@ from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
 from heads.hardware import resolve_compile
-from heads.schema import BENCHMARK
+from heads.schema import BenchmarkConfig
 
 
 # --- theory ----------------------------------------------------------------------------------------
@@ -129,8 +129,7 @@ def load_model(cfg: DictConfig):
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
     device = str(check_device(resolve_device(cfg.device)))
-    cfg.dtype = resolve_dtype(cfg.dtype, device)
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=resolve_dtype(cfg.dtype, device), device=device,
                      batch_invariant=bool(cfg.batch_invariant))
     if cfg.head_path:
         return base, load_head(cfg.head_path, base)
@@ -156,7 +155,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
     longest = max(map(len, prompt_ids)) + cfg.max_new_tokens  # the warm-up's length on a static runtime
     threads = decode_threads(base, prompt_ids[0], cfg.ar_threads, cfg.stage_threads, cfg.stages)
-    cfg.ar_threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
+    cfg = cfg.model_copy(update={"dtype": str(base.dtype).removeprefix("torch."), "ar_threads": threads["threads"],
+                                 "stage_threads": threads["stage_threads"]})  # the resolved options, for what follows
     n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device),
                                          compile=resolve_compile(cfg.compile, str(base.device)))
     torch.manual_seed(cfg.seed)
@@ -321,7 +321,7 @@ def run_runtime(cfg: DictConfig) -> dict:
 
 # --- entry point -----------------------------------------------------------------------------------
 
-@entry_point("benchmark", BENCHMARK)
+@entry_point("benchmark", BenchmarkConfig)
 def main(cfg: DictConfig) -> None:
     result = {"theory": run_theory, "runtime": run_runtime}.get(cfg.mode, run_benchmark)(cfg)
     print(json.dumps(result, default=_jsonable))

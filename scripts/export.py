@@ -19,7 +19,7 @@ from heads.errors import UserError
 from heads.files import read_text
 from heads.hub import measured_from_results, push_head, write_head_folder
 from heads.head import read_head_config
-from heads.schema import EXPORT
+from heads.schema import ExportConfig
 
 
 def read_results(path: str | None, config: dict) -> dict | None:
@@ -61,7 +61,7 @@ def export(cfg: DictConfig) -> dict:
     return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
 
 
-@entry_point("export", EXPORT, one_line_errors=True)
+@entry_point("export", ExportConfig, one_line_errors=True)
 def main(cfg: DictConfig) -> None:
     print(json.dumps(export(cfg)), flush=True)
 

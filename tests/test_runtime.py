@@ -173,6 +173,7 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     from omegaconf import OmegaConf
 
     from decode.evaluate import run
+    from heads.schema import DecodeConfig, validate
 
     base = load_base(tiny_model_dir)
     build_head(base, "mlp", 2).save_pretrained(tmp_path / "head")
@@ -185,7 +186,7 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     cfg = OmegaConf.merge(cfg, {"method": "eesd", "compare": ["ar"], "head_path": str(tmp_path / "head"),
                                 "model": tiny_model_dir, "prompts": str(tmp_path / "q.jsonl"), "max_new_tokens": 8,
                                 "threads": 1, "compile": True, "dtype": "float32"})
-    summary = run(cfg, tmp_path / "out")
+    summary = run(validate(cfg, DecodeConfig), tmp_path / "out")
     assert summary["lossless"] and summary["runtime"] == "compiled static"
     assert summary["captures_while_timing"] == 0
 

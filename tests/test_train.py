@@ -196,9 +196,10 @@ def _leave_the_process_group():
 
 
 def _run_in_process(overrides):
+    from heads.schema import TrainConfig, validate
     from train.recipe import run
 
-    return run(_compose(overrides))  # the one-process group stays up between runs, as in a Hydra multirun
+    return run(validate(_compose(overrides), TrainConfig))  # the one-process group stays up between runs, as in a Hydra multirun
 
 
 def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, prompt_file, tmp_path):

@@ -4,10 +4,8 @@ import atexit
 import json
 import os
 
-from omegaconf import DictConfig
-
 from heads.cli import entry_point
-from heads.schema import TRAIN
+from heads.schema import TrainConfig
 
 
 def _destroy_process_group():
@@ -22,8 +20,8 @@ def _destroy_process_group():
 atexit.register(_destroy_process_group)
 
 
-@entry_point("train", TRAIN, sigterm=True)
-def main(cfg: DictConfig) -> None:
+@entry_point("train", TrainConfig, sigterm=True)
+def main(cfg: TrainConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from train.recipe import run
 
