@@ -11,6 +11,7 @@ ranks) and reuses them for every request; `close()` (or leaving the `with`) stop
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -24,7 +25,7 @@ from decode.pipeline import Pipeline
 from decode.ppsd import ppsd_decode
 from decode.protocol import PipelineError
 from heads import load_base, load_head
-from heads.base import EMBEDDED_MODELS, resolve_model_path
+from heads.base import DEFAULT_MODEL, EMBEDDED_MODELS, identity_source
 from heads.errors import UserError
 from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
@@ -32,21 +33,36 @@ from heads.schema import METHODS
 
 
 def resolve_base_model(head_path: str | None, model: str | None) -> str:
-    """The base to load: `model` if given, else the head's recorded base_model, mapped to the embedded
-    copy when the hub id is not available offline (e.g. SmolLM2-135M-Instruct -> "smollm2")."""
+    """The base to load: `model` if given, else exactly the base the head records (an embedded copy by its
+    name, a hub id pinned to its commit, a folder); never another one, e.g. the original weights of an
+    embedded quantized copy. A head without that record (older ppsd): a one-line error saying what to pass."""
     if model:
         return model
     if head_path is None:
-        return "smollm2"
-    name = read_head_config(head_path)["base_model"]
-    embedded = next((key for key, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == name), None)
-    if embedded is None:
-        return name
-    try:
-        resolve_model_path(name)
-        return name
-    except UserError:
-        return embedded
+        return DEFAULT_MODEL
+    config = read_head_config(head_path)
+    identity = config.get("base")
+    if identity is None:
+        named = config["base_model"]
+        guess = next((f"model={name} (the embedded {e.quantization} copy)" for name, e in EMBEDDED_MODELS.items()
+                      if e.origin == named), f"model={named}")
+        raise UserError(f"head '{head_path}' does not record the exact base it was trained on (it names {named}; "
+                        f"written by an older ppsd): pass the base it was trained on, e.g. {guess}, or retrain it")
+    if not isinstance(identity.get("id"), str) or not isinstance(identity.get("sha256"), str):
+        raise UserError(f"head '{head_path}': its config.json's base is {json.dumps(identity)[:80]}, not "
+                        "{id, sha256, ...}: the file is damaged; re-export or retrain the head")
+    return identity_source(identity)
+
+
+def check_exact_base(head, base) -> None:
+    """The head's recorded base has the loaded base's weights (sha256), or a one-line error. A head without
+    the record was loaded on the base the caller named (model=): nothing to check."""
+    recorded = head.base_identity
+    if recorded is None or recorded.get("sha256") == base.identity["sha256"]:
+        return
+    raise UserError(f"head trained on {recorded['id']} (sha256 {recorded['sha256'][:12]}) but the base loaded is "
+                    f"{base.identity['id']} (sha256 {base.identity['sha256'][:12]}): decode on the base it was trained "
+                    "on (leave model= unset to load it)")
 
 
 def resolve_device(requested: str | None) -> str:
@@ -120,6 +136,7 @@ class Decoder:
         self.base = base
         if method != "ar" and head is None:
             head = load_head(head_path, base)
+            check_exact_base(head, base)
         self.head = head
         self.exit_layer = head.exit_layer if head is not None else exit_layer
         self.stop_ids = base.eos_token_ids
