@@ -29,6 +29,7 @@ from heads.base import DEFAULT_MODEL, EMBEDDED_MODELS, identity_source
 from heads.errors import UserError
 from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
 from heads.head import read_head_config
+from heads.sampling import Sampling
 from heads.schema import METHODS
 
 
@@ -168,20 +169,22 @@ class Decoder:
     def stages(self) -> int:
         return len(self.layout) if self.layout else 1
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, seed: int = 0,
-               oracle=None, stop_at_eos: bool = True):
-        """Yield new token ids as they are verified; afterwards `self.last_generation` holds the Generation."""
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, oracle=None, stop_at_eos: bool = True):
+        """Yield new token ids as they are verified; afterwards `self.last_generation` holds the Generation.
+        temperature / top_p / top_k: heads.sampling.Sampling (the same processed distribution in draft and verify)."""
+        sampling = Sampling(temperature, top_p, top_k)
         self.base.check_prompt_length(len(prompt_ids), max_new_tokens)
         if not prompt_ids:
             raise UserError("the prompt is empty: give at least one token")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if oracle is not None and temperature > 0:
+        if oracle is not None and not sampling.greedy:
             raise UserError("oracle drafts are a greedy-decoding instrument: use temperature=0")
         if oracle is not None and self.method == "ar":
             raise UserError("oracle drafts need a drafting method (eesd or ppsd)")
         stop = self.stop_ids if stop_at_eos else frozenset()
-        common = dict(temperature=temperature, seed=seed, stop_ids=stop)
+        common = dict(sampling=sampling, seed=seed, stop_ids=stop)
         previous = torch.get_num_threads()
         torch.set_num_threads(self.stage_threads if self.method == "ppsd" else self.threads)
         try:

@@ -191,6 +191,8 @@ def _train_exit_layers(v: dict) -> None:
 
 
 def _decode_prompts(v: dict) -> None:
+    if v["interactive"]:  # prompts come from stdin
+        return
     if v["prompt"] is None and v["prompts"] is None:
         raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
     if v["prompt"] is not None and v["prompts"] is not None:
@@ -303,7 +305,10 @@ DECODE = Spec("decode", {
     "limit": integer(1, null=True),
     "max_new_tokens": integer(1),
     "temperature": number(0),
+    "top_p": number(0, 1, above=True),
+    "top_k": integer(0),
     "seed": integer(0),
+    "interactive": flag(),
     "dtype": dtype(auto=True),
     "batch_invariant": Rule("bool", auto=True),
     "compile": Rule("bool", auto=True),
