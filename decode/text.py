@@ -82,8 +82,10 @@ class TextDecoder:
                         stage_threads: str | int = "auto", stages: int = 2, gamma: int = 4, quiet: bool = True,
                         **decoder_kwargs) -> "TextDecoder":
         """A head folder or hub id (None: plain ar on `model`, default the embedded SmolLM2). Every `auto` is
-        resolved as `python -m decode` resolves it: dtype bf16 where native, compile on CUDA, batch-invariant
-        kernels for eesd below fp32, threads measured; the base is the one the head records, exactly."""
+        resolved as `python -m decode` resolves it (dtype bf16 where native, compile on CUDA, threads measured),
+        except batch_invariant, on for every method below fp32: one TextDecoder's greedy text is then another's,
+        whatever their methods (python -m decode shares one base between its methods instead). The base is the
+        one the head records, exactly."""
         device = resolve_text_device(device)
         method, why = resolve_method(method, head, stages, device)
         if method != "ar" and head is None:
@@ -92,8 +94,8 @@ class TextDecoder:
             check_spawn_guard()
         dtype = resolve_dtype(dtype, device, quiet=quiet)
         compile = resolve_compile(compile, device, quiet=quiet)
-        if is_auto(batch_invariant):
-            batch_invariant = method == "eesd" and dtype not in ("float32", "fp32")
+        if is_auto(batch_invariant):  # below fp32, every method on kernels whose bits do not depend on positions
+            batch_invariant = dtype not in ("float32", "fp32")  # per call: the same greedy text from each (3% on ar)
         base = load_base(resolve_base_model(head, model), dtype=dtype, device=device,
                          batch_invariant=bool(batch_invariant))
         probe = base.encode_chat([{"role": "user", "content": "Hello!"}])

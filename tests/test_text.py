@@ -57,3 +57,40 @@ def test_a_script_without_the_main_guard_is_told_before_any_stage_starts(smollm2
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert 'put the code that decodes under `if __name__ == "__main__":`' in done.stderr.strip().splitlines()[-1]
+
+
+def _answers(output: str) -> tuple[list[str], list[str]]:
+    """(answers, figure lines) of a piped interactive session's output."""
+    blocks = output.split("\n[")
+    return [b.split("]\n", 1)[-1].strip() for b in blocks[:-1]], [b.split("]\n", 1)[0] for b in blocks[1:]]
+
+
+def test_interactive_mode_streams_ar_s_answers_from_piped_stdin(smollm2_head, tmp_path):
+    """Two turns of one conversation through `python -m decode interactive=true` (eesd), against the same
+    conversation decoded by ar in-process: the same answers; every answer ends with the method, tokens/s, α."""
+    import io
+    import os
+
+    from omegaconf import OmegaConf
+
+    from decode.chat import chat
+
+    turns = "Name three rivers in Africa.\n\nAnd in Europe?\n"
+    args = ["interactive=true", "method=eesd", f"head_path={smollm2_head}", "max_new_tokens=12", "threads=1",
+            f"hydra.run.dir={tmp_path}"]
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-m", "decode", *args], input=turns, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, _, session = done.stdout.partition("temperature=0.0\n")
+    assert header.splitlines()[-1].startswith("eesd (asked for) on cpu")
+    answers, figures = _answers(session)
+    assert len(answers) == 2 and all(f.startswith("eesd · 12 tokens · ") and " tokens/s · α " in f for f in figures)
+
+    cfg = OmegaConf.load("conf/decode.yaml")
+    cfg.pop("defaults"), cfg.pop("hydra")
+    cfg.merge_with({"interactive": True, "method": "ar", "max_new_tokens": 12, "threads": 1})
+    out = io.StringIO()
+    chat(cfg, stdin=io.StringIO(turns), out=out)
+    ar_answers, ar_figures = _answers(out.getvalue().partition("temperature=0.0\n")[2])
+    assert ar_answers == answers and all(f.startswith("ar · 12 tokens · ") and "α" not in f for f in ar_figures)
