@@ -1,6 +1,7 @@
 """python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; the last line printed is one JSON object.
 
     python -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl max_new_tokens=128 compare=[ar,eesd]
+    python -m decode interactive=true method=ppsd head_path=HEAD    # a chat, answers streamed with tokens/s and α
     torchrun --nproc_per_node 2 -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl
 """
 
@@ -58,6 +59,10 @@ def main(cfg: DecodeConfig) -> None:
                                      compile=settings.compile, rows=settings.rows))
             dist.destroy_process_group()
             return
+        if cfg.interactive:
+            from decode.chat import chat
+
+            return chat(cfg)
         from hydra.core.hydra_config import HydraConfig
 
         from decode.evaluate import run

@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from decode.common import Generation, Timer, choose, make_generator, positions
+from decode.common import GREEDY, Generation, Sampling, Timer, choose, make_generator, positions
 
 
 @torch.inference_mode()
-def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
               stop_ids: set[int] = frozenset()) -> Iterator[int]:
     """Yield each new token as it is computed; return a Generation (stats: token_s = mean decode step)."""
     start = time.perf_counter()
@@ -19,7 +19,7 @@ def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
     model = base.range(0, base.num_layers)
     ids = torch.tensor([prompt_ids], device=base.device)
     hidden = model.forward(base.embed(ids), positions(0, len(prompt_ids), base.device))
-    token, _ = choose(base.logits(hidden[:, -1:])[0, -1], temperature, generator)
+    token, _ = choose(base.logits(hidden[:, -1:])[0, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
     tokens, step = [], Timer()
     while True:
@@ -30,7 +30,7 @@ def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
         with step:
             hidden = model.forward(base.embed(torch.tensor([[token]], device=base.device)),
                                    positions(model.length, 1, base.device))
-            token, _ = choose(base.logits(hidden)[0, -1], temperature, generator)
+            token, _ = choose(base.logits(hidden)[0, -1], sampling, generator)
     return Generation(tokens=tokens, method="ar", wall_time=time.perf_counter() - start,
                       prompt_tokens=len(prompt_ids), accept_lengths=[1] * len(tokens),
                       stats={"prefill_s": prefill_s, "token_s": step.mean, "steps": step.count})

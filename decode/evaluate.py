@@ -31,8 +31,8 @@ from heads.schema import check_gamma
 MIN_FREE_BYTES = 1 << 20  # answer files are small: a folder with less free is all but full
 
 
-def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
-           on_text=None) -> tuple[dict, list[Generation]]:
+def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+           top_k: int = 0, seed: int = 0, on_text=None) -> tuple[dict, list[Generation]]:
     """Every turn of one question, the model's answers fed back; returns (Spec-Bench choice, generations)."""
     base = decoder.base
     messages, generations = [], []
@@ -41,15 +41,14 @@ def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float =
         messages.append({"role": "user", "content": turn})
         prompt_ids = base.encode_chat(messages)
         shown, streamed = "", []
-        for token in (decoder.stream(prompt_ids, max_new_tokens, temperature=temperature, seed=seed)
-                      if on_text else ()):
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        for token in (decoder.stream(prompt_ids, max_new_tokens, **sampling) if on_text else ()):
             streamed.append(token)
             text = base.tokenizer.decode(streamed, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 on_text(text[len(shown):])
                 shown = text
-        gen = decoder.last_generation if on_text else decoder.generate(prompt_ids, max_new_tokens,
-                                                                       temperature=temperature, seed=seed)
+        gen = decoder.last_generation if on_text else decoder.generate(prompt_ids, max_new_tokens, **sampling)
         text = base.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         if on_text:
             on_text(text[len(shown):] + "\n")
@@ -265,7 +264,7 @@ def answer_all(cfg, decoders: dict, questions: list[dict], output, model_id: str
         for m in methods:
             show = print_text if (print_text and m == cfg.method) else None
             choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
-                                  seed=cfg.seed, on_text=show)
+                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, on_text=show)
             record = answer_record(question, choice, model_id, m)
             done.records[m].append(record)
             files[m].write(json.dumps(record) + "\n")
@@ -307,7 +306,7 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
             longest = longest_context(base, questions, cfg.max_new_tokens) if base.runtime.static else 0
             for dec in decoders.values():
                 dec.warm_up(first_prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
-                            seed=cfg.seed)
+                            top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
         captured_before = len(base.runtime.captured)
         done = answer_all(cfg, decoders, questions, output, cfg.model_id or Path(base.name).name, print_text)
     finally:
@@ -342,6 +341,8 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
         "stage_threads": threads["stage_threads"],
         "threads_measured_ms": threads["measured_ms"] or None,
         "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
         "max_new_tokens": cfg.max_new_tokens,
         "questions": questions,
         "acceptance_rate": main["acceptance_rate"],

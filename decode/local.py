@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from decode.common import Generation, choose, head_logits, make_generator, positions, verify
+from decode.common import GREEDY, Generation, Sampling, choose, head_logits, make_generator, positions, verify
 from heads.runtime import cache_len_for
 
 PLACEMENTS = ("streams", "devices")
@@ -227,7 +227,7 @@ class LocalPipeline:
         self._sync()
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+    def decode(self, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
                stop_ids=frozenset(), oracle=None):
         """Yield tokens as they are verified; return the Generation."""
         start = time.perf_counter()
@@ -238,8 +238,8 @@ class LocalPipeline:
 
         def draft(pos: int, computed: int) -> tuple[int, torch.Tensor | None]:
             """Stage 0's draft for position pos + 1, made from its logits at pos, and its distribution q."""
-            if temperature > 0:
-                return choose(first.logits, temperature, draft_rng)
+            if not sampling.greedy:
+                return choose(first.logits, sampling, draft_rng)
             return (computed if oracle is None else oracle.draft(pos + 1 - n_prompt, computed)), None
 
         self._prefill(prompt_ids, n_prompt + max_new_tokens + s)
@@ -252,8 +252,8 @@ class LocalPipeline:
         while True:
             if verdict_pos is not None:  # the model's token after verdict_pos, the verdict on what entered there
                 drafted, q = entered[verdict_pos + 1]
-                if temperature > 0:
-                    token, ok = verify(last.logits, drafted, q, temperature, verify_rng)
+                if not sampling.greedy:
+                    token, ok = verify(last.logits, drafted, q, sampling, verify_rng)
                 else:
                     token, ok = model_token, model_token == drafted
                 tokens.append(token)

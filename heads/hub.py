@@ -111,7 +111,7 @@ def _load_name(base_model: str) -> str:
     """What to pass to load_base: the embedded copy's name when the base is one (works offline)."""
     from heads.base import EMBEDDED_MODELS
 
-    return next((name for name, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == base_model), base_model)
+    return next((name for name, e in EMBEDDED_MODELS.items() if e.origin == base_model), base_model)
 
 
 def model_card(config: dict, repo_id: str | None = None) -> str:

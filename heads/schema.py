@@ -180,6 +180,8 @@ class DecodeConfig(Options):
     limit: Count | None
     max_new_tokens: Count
     temperature: Annotated[float, Ge(0)]
+    top_p: Annotated[float, Gt(0), Le(1)]
+    top_k: Natural
     seed: Natural
     dtype: Dtype | Auto
     batch_invariant: bool | Auto
@@ -195,12 +197,15 @@ class DecodeConfig(Options):
     timeout_s: Positive
     warmup: bool
     stream: bool
+    interactive: bool
     out_dir: Text | None
     model_id: Text | None
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.prompt is None and self.prompts is None:
+        if self.interactive:  # prompts come from stdin
+            pass
+        elif self.prompt is None and self.prompts is None:
             raise UserError("nothing to decode: pass prompts=FILE.jsonl (Spec-Bench format) or prompt='text'")
         if self.prompt is not None and self.prompts is not None:
             raise UserError("both prompt= and prompts= are set: pass one (prompt='text' or prompts=FILE.jsonl)")

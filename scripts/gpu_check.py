@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # a shorter oracle sweep than conf/benchmark.yaml's, so the whole check fits one 10-minute device command
 BENCHMARK_DEFAULTS = ["num_prompts=2", "alphas=[0.0,0.5,0.9,1.0]"]
-PROMPTS = os.environ.get("PPSD_BENCH_PROMPTS", str(ROOT.parent / "shared" / "benchmarks" / "spec_bench_dev.jsonl"))
+PROMPTS = os.environ.get("PPSD_BENCH_PROMPTS", str(ROOT / "decode" / "prompts" / "default.jsonl"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

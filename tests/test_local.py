@@ -12,6 +12,7 @@ from decode.common import draft_step, run_to_end
 from decode.local import LocalPipeline
 from decode.measure import local_time_per_token
 from heads import build_head
+from heads.sampling import Sampling
 
 PROMPTS = [list(range(100, 120)), [5, 9, 200, 7, 7, 31]]
 LAYOUTS = {2: [(0, 2), (2, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
@@ -111,15 +112,17 @@ def test_sampling_keeps_the_models_distribution(tiny_base, heads):
     q = torch.softmax(draft_logits / temperature, -1)
     assert 0.5 * (p - q).abs().sum() > 0.5
     pipe = _pipeline(tiny_base, head, 2)
-    samples = [run_to_end(pipe.decode(prompt, 1, temperature=temperature, seed=s)).tokens[0] for s in range(n)]
+    samples = [run_to_end(pipe.decode(prompt, 1, sampling=Sampling(temperature), seed=s)).tokens[0] for s in range(n)]
     top = [int(t) for t in torch.argsort(p, descending=True) if p[t] * n >= 5]
     expected = [float(p[t]) * n for t in top] + [n * (1 - float(p[top].sum()))]
     observed = [samples.count(t) for t in top] + [sum(1 for s in samples if s not in top)]
     chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
     dof = len(expected) - 1
     assert chi2 < dof + 4 * math.sqrt(2 * dof) + 6, (observed, expected)
-    longer = run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3))
-    assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3)).tokens
+    one = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8, top_k=1), seed=3))  # top-1 of p: AR's argmax
+    assert one.tokens == run_to_end(Decoder("ar", base=tiny_base, threads=1).stream(prompt, 16)).tokens
+    longer = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3))
+    assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3)).tokens
 
 
 def test_tick_costs_predict_the_time_per_token(tiny_base, heads):

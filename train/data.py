@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from heads import UserError
+from heads import UserError, sampling
 from heads.base import cache_kwarg, cache_root
 from heads.files import atomic_write_json, atomic_write_text, read_prompts
 from heads.hardware import is_auto, native_bf16
@@ -167,20 +167,8 @@ def cache_key(base, prompts: list[dict], gen: dict) -> str:
 
 def next_tokens(logits: torch.Tensor, *, sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy, or nucleus sampling at `temperature`: each row keeps the smallest set of most likely tokens whose
-    mass reaches `top_p`. The set is found among the top k tokens (k widened until every row's top k hold
-    `top_p`) instead of by sorting the whole vocabulary, which on a CPU costs as much as a decode step."""
-    if not sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    k = min(64, probs.shape[-1])
-    while True:
-        top, index = probs.topk(k, dim=-1)
-        if k == probs.shape[-1] or bool((top.sum(-1) >= top_p).all()):
-            break
-        k = min(probs.shape[-1], 4 * k)
-    top = top * ((top.cumsum(-1) - top) < top_p)  # the first token always stays
-    return index.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(-1)
+    """Greedy, or nucleus sampling at `temperature`: the decoders' sampler (heads/sampling.py) on a batch of rows."""
+    return sampling.sample(logits, sampling.Sampling(temperature, top_p) if sample else sampling.GREEDY, generator)
 
 
 def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
