@@ -120,7 +120,7 @@ def test_sampling_keeps_the_models_distribution(tiny_base, heads):
     dof = len(expected) - 1
     assert chi2 < dof + 4 * math.sqrt(2 * dof) + 6, (observed, expected)
     one = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8, top_k=1), seed=3))  # top-1 of p: AR's argmax
-    assert one.tokens == run_to_end(Decoder("ar", base=tiny_base, threads=1).stream(prompt, 16)).tokens
+    assert one.tokens == Decoder("ar", base=tiny_base, threads=1).generate(prompt, 16).tokens
     longer = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3))
     assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3)).tokens
 
