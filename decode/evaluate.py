@@ -324,6 +324,7 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
     figs = summary["figures"]
     main = figs[cfg.method]
     threads = facts["threads"]
+    ticks = main.get("tick_costs")  # ppsd stages driven by this process (decode/local.py)
     return {
         "method": cfg.method,
         "stages": decoders[cfg.method].stages if cfg.method == "ppsd" else 1,
@@ -355,7 +356,8 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
         # stages driven by one process: a full tick against its stages one after another (1: no overlap, S: all)
-        "stage_overlap": (main.get("tick_costs") or {}).get("overlap"),
+        "stage_overlap": ticks["overlap"] if ticks else None,
+        "handoff_us": ticks["handoff_s"] * 1e6 if ticks else None,  # one stage-to-stage hand-off, per position
         "lossless": not done.mismatches if cfg.temperature <= 0 else None,
         "mismatches": done.mismatches[:20],
         "fastest_method": summary["fastest_method"],

@@ -311,6 +311,24 @@ class LocalPipeline:
 
         alone = [timed({j: n}) for j in range(len(self.stages))]
         prefix = [timed({i: n for i in range(j + 1)}) for j in range(len(self.stages))]
-        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1]}
+        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1],
+                           "handoff_s": self._handoff_s(repeats * 10)}
         return self.tick_costs
+
+    def _handoff_s(self, repeats: int) -> float:
+        """One stage-to-stage hand-off alone (wait for the producer's event, copy its output on the device, record
+        `taken`), per position: what the placement adds to every position beyond the stages' compute."""
+        producer, consumer = self.stages[0], self.stages[1]
+        self._sync()
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            with consumer.context():
+                if consumer.stream is not None:
+                    consumer.stream.wait_event(producer.done)
+                consumer.hidden_in.copy_(producer.hidden_out, non_blocking=True)
+                if consumer.taken is not None:
+                    consumer.taken.record(consumer.stream)
+        if consumer.stream is not None:
+            consumer.stream.synchronize()
+        return (time.perf_counter() - begin) / repeats
 

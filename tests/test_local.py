@@ -195,7 +195,7 @@ def test_command_with_streams_placement(tiny_model_dir, head_dir, spec_bench_pat
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["placement"] == "streams" and result["lossless"] is True
     assert result["predicted_speedup"] is not None  # from the ticks measured at warm-up
-    assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0
+    assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0 and result["handoff_us"] > 0
 
 
 def test_captured_steps_keep_the_cache_bookkeeping(tiny_base, heads, reference):
