@@ -61,6 +61,7 @@ def test_greedy_equals_ar(tiny_base, heads, reference, kind, stages):
         rejected = gen.drafts_verified - gen.drafts_accepted
         assert gen.stats["flushes"] in (rejected - 1, rejected) and gen.stats["flushes"] > 0
         assert len(gen.accept_lengths) == gen.stats["flushes"] + 1
+        assert gen.stats["reads"] == len(gen.tokens)  # one device-to-host read per token: none in refill ticks
 
 
 def test_greedy_equals_ar_on_compiled_static_steps(tiny_base, heads, reference):
