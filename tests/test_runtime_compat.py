@@ -70,11 +70,11 @@ def test_compiler_settings_are_set_once_and_fall_back_on_old_names(monkeypatch):
 
 def test_compiler_settings_on_this_torch(monkeypatch):
     monkeypatch.setattr(compat, "_configured", False)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
-    compat.configure_compiler()
-    assert torch._dynamo.config.recompile_limit == compat.RECOMPILE_LIMIT
-    assert torch._inductor.config.emulate_precision_casts
+    # torch's config modules restore through their own patch(): monkeypatch's undo would hide the key
+    with torch._dynamo.config.patch(recompile_limit=8), torch._inductor.config.patch(emulate_precision_casts=False):
+        compat.configure_compiler()
+        assert torch._dynamo.config.recompile_limit == compat.RECOMPILE_LIMIT
+        assert torch._inductor.config.emulate_precision_casts
 
 
 def test_a_static_layer_without_a_length_tensor_runs_eager(monkeypatch, tiny_model_dir):
