@@ -3,9 +3,9 @@
 Every such call in the project goes through here, so one file says what each release lacks:
 - `torch._inductor.list_mode_options` (a mode's inductor options: torch.compile refuses a mode and options
   together, so a mode is passed as its options); fallback: the options of the modes the project uses;
-- `guard_filter_fn` with `torch.compiler.skip_guard_on_all_nn_modules_unsafe` (torch 2.8): fallback, every
+- `guard_filter_fn` with `torch.compiler.skip_guard_on_all_nn_modules_unsafe` (not in torch 2.6): fallback, every
   guard kept (correct, only more host time per call);
-- `torch._dynamo.config.recompile_limit`, named `cache_size_limit` before torch 2.7;
+- `torch._dynamo.config.recompile_limit`, named `cache_size_limit` in torch 2.6;
 - `torch._inductor.config.emulate_precision_casts`: fallback, inductor's own rounding (bf16 graphs cut at
   another layer may then differ in the last bit);
 - `torch._dynamo.mark_static_address`: fallback, none (a CUDA graph then copies the tensor in per replay);

@@ -161,6 +161,7 @@ class SlotKV(StaticKV):
         self.columns = torch.zeros(rows, 1, dtype=torch.long, device=device)  # in place: a graph holds its address
         self.row_index = torch.arange(rows, device=device)[:, None]
         mark_static(self.columns)
+        mark_static(self.row_index)
 
     def allocate(self, heads: int, head_dim: int, dtype, device) -> None:
         """Every layer's buffers, before a prefill is copied in."""

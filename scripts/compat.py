@@ -7,7 +7,7 @@ Makes a venv (under --dir, default a new folder in the temp dir), installs torch
 index when it is reachable, else PyPI's), then that transformers and the packages the tests import, pinned to
 constraints.txt, and runs the tests with this checkout on PYTHONPATH. Prints one JSON line:
 {"torch", "transformers", "passed", "failed", "seconds", ...}; "error" says in one line what could not be
-installed. Exit status 0 when every test passed.
+installed. With --dir, pytest's whole output is kept beside the venv (<name>.log). Exit status 0 when every test passed.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def run_tests(venv: Path, tests: list[str], keyword: str | None, timeout: float)
     command = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration",
                *tests, *(["-k", keyword] if keyword else [])]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    (venv.parent / f"{venv.name}.log").write_text(done.stdout + done.stderr)  # beside the venv: the whole output
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", done.stdout)}
     failures = [line[len("FAILED "):][:200] for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     except subprocess.TimeoutExpired as e:
         result["error"] = f"timed out after {e.timeout:.0f} s: {' '.join(map(str, e.cmd))[:200]}"
     finally:
+        if args.dir:
+            result["log"] = str(venv.parent / f"{venv.name}.log")
         if not args.keep and not args.reuse:
             shutil.rmtree(venv.parent if not args.dir else venv, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - start, 1)

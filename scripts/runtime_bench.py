@@ -19,6 +19,8 @@
    --bandwidth-gb-s, or at a measured copy's bandwidth). Any shape size can be overridden (--hidden ...).
 7. --shards 1,2,4,8: tensor-parallel AR's per-layer cost, measured on one device: one compiled 7B-shaped layer
    with its heads and MLP split S ways, plus two all-reduces per layer at --allreduce-ms (stated, not measured).
+8. --teacher-prompts N: teacher generation as training runs it (default prompts, compiled, continuous batch):
+   greedy and sampled tokens/s, capture included.
 Compiling is paid once per process and printed (capture_s). The last line is the figures as one JSON object.
 """
 
@@ -310,11 +312,41 @@ def generation(model: str, rows: int, dtype: str, device, max_new_tokens: int = 
     return out
 
 
+def teacher(model: str, device, dtype: str, prompts: int = 0, max_new_tokens: int = 160,
+            batch_size: int | str = "auto") -> dict:
+    """Teacher generation as `python -m train` runs it on this device: the default prompt set (its first
+    `prompts`; 0 = all), the compiled runtime, the greedy pass then one sampled pass, each timed end to end
+    with its capture, in tokens/s of answers."""
+    from types import SimpleNamespace
+
+    from train.data import generate_responses, generation_batch_size, load_prompts
+
+    base = load_base(model, dtype=dtype, device=device)
+    base.set_runtime(compile=True)
+    rows = load_prompts("default", limit=prompts or None)
+    settings = SimpleNamespace(gen_batch_size=batch_size, max_prompt_tokens=1024, max_new_tokens=max_new_tokens)
+    gen = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": 1024, "temperature": 0.8, "top_p": 0.95,
+           "batch_size": generation_batch_size(base, settings), "seed": 0}
+    out = {"model": base.name, "prompts": len(rows), "batch_size": gen["batch_size"], "runtime": base.runtime.describe()}
+    for name, sample in (("greedy", None), ("sampled", 0)):
+        sync(device)
+        start = time.perf_counter()
+        answers = generate_responses(base, rows, gen, sample=sample, progress=False)
+        sync(device)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(a["response_ids"]) for a in answers)
+        out[name] = {"answers": len(answers), "tokens": tokens, "seconds": round(seconds, 2),
+                     "tokens_per_s": round(tokens / seconds, 1)}
+    out["capture_s"] = round(base.runtime.capture_s, 1)
+    out["shapes_captured"] = len(base.runtime.captured)
+    return out
+
+
 def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens: int = 64,
         layers: int | None = None, head_path: str | None = None, base_model: bool = True, gen_rows: int = 0,
         layer_7b_figures: bool = False, overhead: bool = True, shape: Shape | None = None, gamma: int = 4,
         bandwidth_gb_s: float | None = None, shards: tuple[int, ...] = (), allreduce_ms: float | None = None,
-        repeats: int = 20) -> dict:
+        repeats: int = 20, teacher_prompts: int | None = None, teacher_new_tokens: int = 160) -> dict:
     """Every figure above that is asked for, printed as it is measured; returns them as a dict. model="7b": the
     whole 7B-shaped model (`shape`, its depth `layers`) instead of a real base."""
     torch.set_num_threads(threads)
@@ -352,6 +384,12 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
         g = result["generation"] = generation(model, gen_rows, dtype, device)
         print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
               f"{g['compiled_tokens_per_s']} tokens/s", flush=True)
+    if teacher_prompts is not None:
+        T = result["teacher"] = teacher(model, device, dtype, teacher_prompts, teacher_new_tokens)
+        print(f"teacher generation ({T['prompts']} prompts, rows of at most {T['batch_size']}, capture included): greedy "
+              f"{T['greedy']['tokens_per_s']} tokens/s ({T['greedy']['seconds']} s), sampled "
+              f"{T['sampled']['tokens_per_s']} tokens/s ({T['sampled']['seconds']} s); {T['shapes_captured']} "
+              f"shape(s) captured in {T['capture_s']} s", flush=True)
     if layer_7b_figures:
         L = result["layer_7b"] = layer_7b(device, shape=shape)
         print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms;"
@@ -389,6 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-model", action="store_true", help="only the tiny-model overhead figures")
     parser.add_argument("--skip-overhead", action="store_true", help="leave out the tiny-model overhead figures")
     parser.add_argument("--gen-rows", type=int, default=0, help="also time teacher generation at this batch size")
+    parser.add_argument("--teacher-prompts", type=int, default=None,
+                        help="also time teacher generation (greedy + sampled, compiled) on this many default "
+                             "prompts (0: all)")
+    parser.add_argument("--teacher-new-tokens", type=int, default=160, help="answer length for --teacher-prompts")
     parser.add_argument("--layer-7b", action="store_true", help="also time one 7B-shaped layer (bf16; for a GPU)")
     parser.add_argument("--shards", default="", help="also time one 7B-shaped layer split S ways, e.g. 1,2,4,8")
     parser.add_argument("--allreduce-ms", type=float, default=None,
@@ -411,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
                      layers=args.layers, head_path=args.head, base_model=not args.skip_model, gen_rows=args.gen_rows,
                      layer_7b_figures=args.layer_7b, overhead=not args.skip_overhead, shape=replace(Shape(), **sizes),
                      gamma=args.gamma, bandwidth_gb_s=args.bandwidth_gb_s, shards=parse_shards(args.shards),
-                     allreduce_ms=args.allreduce_ms, repeats=args.repeats)
+                     allreduce_ms=args.allreduce_ms, repeats=args.repeats, teacher_prompts=args.teacher_prompts,
+                     teacher_new_tokens=args.teacher_new_tokens)
     except UserError as e:
         sys.exit(f"error: {e}")
     if args.json:

@@ -70,11 +70,11 @@ def test_compiler_settings_are_set_once_and_fall_back_on_old_names(monkeypatch):
 
 def test_compiler_settings_on_this_torch(monkeypatch):
     monkeypatch.setattr(compat, "_configured", False)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
-    compat.configure_compiler()
-    assert torch._dynamo.config.recompile_limit == compat.RECOMPILE_LIMIT
-    assert torch._inductor.config.emulate_precision_casts
+    # torch's config modules restore through their own patch(): monkeypatch's undo would hide the key
+    with torch._dynamo.config.patch(recompile_limit=8), torch._inductor.config.patch(emulate_precision_casts=False):
+        compat.configure_compiler()
+        assert torch._dynamo.config.recompile_limit == compat.RECOMPILE_LIMIT
+        assert torch._inductor.config.emulate_precision_casts
 
 
 def test_a_static_layer_without_a_length_tensor_runs_eager(monkeypatch, tiny_model_dir):
@@ -93,3 +93,22 @@ def test_a_static_layer_without_a_length_tensor_runs_eager(monkeypatch, tiny_mod
     assert note.startswith("eager") and "cumulative_length" in note and not base.runtime.static
     prompt = list(range(5, 25))
     assert run_to_end(ar_decode(base, prompt, 6)).tokens == run_to_end(ar_decode(load_base(tiny_model_dir), prompt, 6)).tokens
+
+
+def test_gpu_batch_sizing_runs_on_a_cpu(monkeypatch, tiny_base):
+    """data.gen_batch_size=auto on a GPU: rows whose KV caches (prompt + answer) fill half the free memory, at
+    most 512; the CUDA query faked."""
+    from types import SimpleNamespace
+
+    from train.data import generation_batch_size
+
+    c = tiny_base.config  # 6 layers, 2 KV heads of 16, fp32
+    gpu_base = SimpleNamespace(device=torch.device("cuda"), config=c, dtype=torch.float32,
+                               vocab_size=tiny_base.vocab_size)
+    cfg = SimpleNamespace(gen_batch_size="auto", max_prompt_tokens=100, max_new_tokens=28)
+    per_row = 2 * 6 * 2 * 16 * 4 * 128 + 4 * tiny_base.vocab_size
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (200 * per_row, 10**12))
+    assert generation_batch_size(gpu_base, cfg) == 100
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
+    assert generation_batch_size(gpu_base, cfg) == 512
+    assert generation_batch_size(tiny_base, cfg) == 128  # a CPU
