@@ -111,15 +111,15 @@ def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir, batc
 
 
 def test_teacher_answers_on_the_compiled_runtime_equal_the_eager_ones(tiny_model_dir):
-    from train.data import _generate_batch, _generate_batch_static
+    from train.data import generate_batch, generate_batch_static
 
     base = load_base(tiny_model_dir)
     prompts = [list(range(5, 5 + n)) for n in (3, 7, 12, 5)]  # left padding: rows start at different slots
     settings = dict(max_new_tokens=20, sample=False, temperature=1.0, top_p=1.0, seed=0)
-    want = _generate_batch(base, prompts, **settings)
+    want = generate_batch(base, prompts, **settings)
     base.set_runtime(static=True, compile=True)
-    assert _generate_batch_static(base, prompts, **settings) == want
-    assert _generate_batch_static(base, prompts, **settings) == want  # the pooled cache, emptied, and its graph
+    assert generate_batch_static(base, prompts, **settings) == want
+    assert generate_batch_static(base, prompts, **settings) == want  # the pooled cache, emptied, and its graph
 
 
 def test_runtime_benchmark_reports_every_figure(tiny_model_dir):

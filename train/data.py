@@ -183,7 +183,7 @@ def next_tokens(logits: torch.Tensor, *, sample: bool, temperature: float, top_p
     return index.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(-1)
 
 
-def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
+def generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
                     top_p: float, seed: int) -> list[list[int]]:
     """Left-padded batched generation with one KV cache; returns each response up to and including its EOS.
 
@@ -220,7 +220,7 @@ def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, 
     return responses
 
 
-def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
+def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
                            temperature: float, top_p: float, seed: int) -> list[list[int]]:
     """The same answers on the static runtime (`base.set_runtime(compile=True)`): one preallocated cache, rows
     kept to the end (fixed shapes), the one-position step compiled; the host reads the tokens every 16 steps."""
@@ -279,7 +279,7 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, sample: int | No
     name = "greedy answers" if not sampled else f"sampled answers #{sample + 1}"
     bar = tqdm(total=sum(len(p["turns"]) for p in mine), desc=name, unit="resp", disable=not progress,
                dynamic_ncols=True)
-    generate = _generate_batch_static if base.runtime.compile else _generate_batch
+    generate = generate_batch_static if base.runtime.compile else generate_batch
     for turn in range(max((len(p["turns"]) for p in mine), default=0)):
         encoded = {}
         for p in mine:
@@ -340,7 +340,7 @@ def generation_batch_size(base, cfg) -> int:
     return max(1, min(512, int(0.5 * free) // bytes_per_row))
 
 
-def _gen_settings(cfg) -> dict:
+def generation_settings(cfg) -> dict:
     return {"max_new_tokens": int(cfg.max_new_tokens), "max_prompt_tokens": int(cfg.max_prompt_tokens),
             "samples": int(cfg.samples), "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
             "batch_size": int(cfg.gen_batch_size), "seed": int(cfg.gen_seed), "dtype": str(cfg.gen_dtype)}
@@ -355,7 +355,7 @@ def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | No
 
     Each variant (greedy, sample 0, sample 1, ...) is cached in its own file, written once (ranks share the
     work): asking for more samples later generates only the new ones."""
-    gen = _gen_settings(cfg)
+    gen = generation_settings(cfg)
     order = {p["id"]: i for i, p in enumerate(prompts)}
     sources: dict[str, list[dict]] = {}
     for p in prompts:
