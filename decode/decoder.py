@@ -26,7 +26,7 @@ from decode.protocol import PipelineError
 from heads import load_base, load_head
 from heads.base import EMBEDDED_MODELS, resolve_model_path
 from heads.errors import UserError
-from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
+from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates, torch_threads
 from heads.head import read_head_config
 from heads.schema import METHODS
 
@@ -165,37 +165,34 @@ class Decoder:
             raise UserError("oracle drafts need a drafting method (eesd or ppsd)")
         stop = self.stop_ids if stop_at_eos else frozenset()
         common = dict(temperature=temperature, seed=seed, stop_ids=stop)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.stage_threads if self.method == "ppsd" else self.threads)
-        try:
-            if self.method == "ar":
-                loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
-            elif self.method == "eesd":
-                loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma, oracle=oracle,
-                                   **common)
-            else:
-                if self.pipeline is None or self.pipeline.closed:
-                    raise UserError("this ppsd Decoder is closed: create a new one")
-                loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
-                                   window=self.window, **common)
-            watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+        with torch_threads(self.stage_threads if self.method == "ppsd" else self.threads):
             try:
-                while True:
-                    token = next(loop)
-                    for pipeline in watched:
-                        pipeline.check_alive()
-                    yield token
-            except StopIteration as stop_iteration:
-                self.last_generation = stop_iteration.value
-            finally:
-                loop.close()
-        except PipelineError:
-            for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
-                if pipeline is not None:
-                    pipeline.kill()
-            raise
-        finally:
-            torch.set_num_threads(previous)
+                if self.method == "ar":
+                    loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
+                elif self.method == "eesd":
+                    loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma,
+                                       oracle=oracle, **common)
+                else:
+                    if self.pipeline is None or self.pipeline.closed:
+                        raise UserError("this ppsd Decoder is closed: create a new one")
+                    loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
+                                       window=self.window, **common)
+                watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+                try:
+                    while True:
+                        token = next(loop)
+                        for pipeline in watched:
+                            pipeline.check_alive()
+                        yield token
+                except StopIteration as stop_iteration:
+                    self.last_generation = stop_iteration.value
+                finally:
+                    loop.close()
+            except PipelineError:
+                for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
+                    if pipeline is not None:
+                        pipeline.kill()
+                raise
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
         for _ in self.stream(prompt_ids, max_new_tokens, **kwargs):

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from heads import UserError
 from heads.base import cache_kwarg, cache_root
-from heads.files import atomic_write_json, atomic_write_text, read_prompts
+from heads.files import atomic_write_json, atomic_write_text, prompt_turns, read_prompts
 from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
@@ -61,15 +61,8 @@ def with_prompt_positions(examples: list[Example]) -> list[Example]:
 # ---------------------------------------------------------------- prompts
 
 
-def _check_prompt(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object with 'turns', got {type(row).__name__}")
-    turns = row.get("turns")
-    if isinstance(turns, str):
-        turns = [turns]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise UserError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
-    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": turns}
+def _check_prompt(row: dict, where: str) -> dict:
+    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": prompt_turns(row, where)}
 
 
 def load_prompts(source, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
