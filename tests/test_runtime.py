@@ -156,7 +156,8 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     from omegaconf import OmegaConf
 
     from decode.evaluate import run
-    from heads.schema import DecodeConfig, validate
+    from heads.config import validate
+    from heads.schema import DecodeConfig
 
     base = load_base(tiny_model_dir)
     build_head(base, "mlp", 2).save_pretrained(tmp_path / "head")

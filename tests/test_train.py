@@ -196,7 +196,8 @@ def _leave_the_process_group():
 
 
 def _run_in_process(overrides):
-    from heads.schema import TrainConfig, validate
+    from heads.config import validate
+    from heads.schema import TrainConfig
     from train.recipe import run
 
     return run(validate(_compose(overrides), TrainConfig))  # the one-process group stays up between runs, as in a Hydra multirun
