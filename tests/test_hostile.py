@@ -164,6 +164,18 @@ def test_entry_points_print_one_line_and_exit_2(module, args, words):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
 
 
+@pytest.mark.parametrize("module, args", [("train", ["batch_size=two"]),
+                                          ("decode", ["stages=1", "prompt=hi", "head_path=x"])])
+def test_bad_input_is_refused_before_torch_is_imported(module, args):
+    """The one line comes first; torch and transformers take seconds to import."""
+    code = (f"import runpy, sys\nsys.argv = [{module!r}, *{args!r}]\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert done.stdout.split() == ["2", "False"] and done.stderr.startswith("error:"), done.stdout + done.stderr
+
+
 def test_a_token_on_the_command_line_is_never_printed(tmp_path, tiny_base):
     build_head(tiny_base, "mlp", exit_layer=2).save_pretrained(tmp_path / "head")
     for args in ([f"head_path={tmp_path / 'head'}", "repo_id=me/x", f"token={SECRET}"],  # upload fails (offline)
