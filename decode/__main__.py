@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-from decode.protocol import PipelineError
 from heads.cli import entry_point
 from heads.schema import DecodeConfig
 
@@ -39,6 +38,8 @@ def _torchrun_rank() -> int | None:
 
 @entry_point("decode", DecodeConfig)
 def main(cfg: DecodeConfig) -> None:
+    from decode.protocol import PipelineError  # torch: imported once the options are checked
+
     rank = None
     try:
         rank = _torchrun_rank()

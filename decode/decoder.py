@@ -31,7 +31,7 @@ from decode.protocol import PipelineError
 from heads import load_base, load_head
 from heads.base import DEFAULT_MODEL, EMBEDDED_MODELS, identity_source
 from heads.errors import UserError
-from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
+from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates, torch_threads
 from heads.head import read_head_config
 from heads.sampling import Sampling
 from heads.schema import METHODS, PLACEMENTS
@@ -246,42 +246,39 @@ class Decoder:
             raise UserError("oracle drafts need a drafting method (eesd or ppsd)")
         stop = self.stop_ids if stop_at_eos else frozenset()
         common = dict(sampling=sampling, seed=seed, stop_ids=stop)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.stage_threads if self.pipeline is not None else self.threads)
-        try:
-            if self.method == "ar":
-                loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
-            elif self.method == "eesd":
-                loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma, oracle=oracle,
-                                   **common)
-            elif self.local is not None:
-                loop = self.local.decode(prompt_ids, max_new_tokens, oracle=oracle, **common)
-            else:
-                if self.pipeline is None or self.pipeline.closed:
-                    raise UserError("this ppsd Decoder is closed: create a new one")
-                loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
-                                   window=self.window, **common)
-            watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
-            start, first_token_s = time.perf_counter(), None
+        with torch_threads(self.stage_threads if self.pipeline is not None else self.threads):
             try:
-                while True:
-                    token = next(loop)
-                    first_token_s = first_token_s or time.perf_counter() - start
-                    for pipeline in watched:
-                        pipeline.check_alive()
-                    yield token
-            except StopIteration as stop_iteration:
-                self.last_generation = stop_iteration.value
-                self.last_generation.first_token_s = first_token_s
-            finally:
-                loop.close()
-        except PipelineError:
-            for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
-                if pipeline is not None:
-                    pipeline.kill()
-            raise
-        finally:
-            torch.set_num_threads(previous)
+                if self.method == "ar":
+                    loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
+                elif self.method == "eesd":
+                    loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma,
+                                       oracle=oracle, **common)
+                elif self.local is not None:
+                    loop = self.local.decode(prompt_ids, max_new_tokens, oracle=oracle, **common)
+                else:
+                    if self.pipeline is None or self.pipeline.closed:
+                        raise UserError("this ppsd Decoder is closed: create a new one")
+                    loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
+                                       window=self.window, **common)
+                watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+                start, first_token_s = time.perf_counter(), None
+                try:
+                    while True:
+                        token = next(loop)
+                        first_token_s = first_token_s or time.perf_counter() - start
+                        for pipeline in watched:
+                            pipeline.check_alive()
+                        yield token
+                except StopIteration as stop_iteration:
+                    self.last_generation = stop_iteration.value
+                    self.last_generation.first_token_s = first_token_s
+                finally:
+                    loop.close()
+            except PipelineError:
+                for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
+                    if pipeline is not None:
+                        pipeline.kill()
+                raise
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
         for _ in self.stream(prompt_ids, max_new_tokens, **kwargs):

@@ -3,7 +3,7 @@ sees one line, never a secret.
 
 - Hydra's own errors (an unknown group choice such as `head=foo`, an unknown key, a malformed override)
   become `error: ...` and exit 2 instead of Hydra's multi-line message and exit 1.
-- The config is checked against the command's typed options (heads/schema.py) before the command starts,
+- The config is checked against the command's typed options (heads/schema.py, heads/config.py) before the command starts,
   and the command receives the checked options (not the raw DictConfig): nothing validates twice.
 - An unexpected exception is printed with secrets (Hub tokens) scrubbed, never with Hydra's
   "Error executing job with overrides: [...]" banner, which would echo a `token=` override.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from heads.errors import UserError
 from heads.files import is_disk_full
-from heads.schema import Options, validate
+from heads.config import Options, validate
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 TERMINATED = 143   # ... and by SIGTERM

@@ -18,7 +18,6 @@ One `LayerRange` per (start, end) is live at a time: making a new one resets the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -30,22 +29,17 @@ from transformers.cache_utils import Cache
 from heads.compat import configure_compiler, guard_filter, mark_static, mode_options, static_layer_supported
 
 from heads.batch_invariant import MAX_ROWS  # decode steps of at most this many positions run compiled, longer ones eager
+from heads.hardware import torch_threads
 
 MIN_CACHE_LEN = 256
 
 
-@contextlib.contextmanager
 def one_thread():
     """Run a CPU prefill on one thread. oneDNN picks its bf16 GEMM kernel by thread count for long inputs (a
     770-row gate projection rounds differently on 1 and 2 threads; a decode step's few rows do not), and the
     methods compared run with different counts (AR on every core, each PPSD stage on its share): one count for
     every prefill keeps their caches, and so their greedy tokens, bit-identical."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(1)
 
 
 def cache_len_for(length: int) -> int:

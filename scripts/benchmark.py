@@ -26,7 +26,7 @@ from decode.measure import (MS, TimedRun, eesd_costs, format_table, format_tp_ta
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
-from heads.hardware import resolve_compile
+from heads.hardware import resolve_compile, torch_threads
 from heads.schema import BenchmarkConfig
 
 
@@ -85,34 +85,29 @@ def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int
 
     from decode.common import draft_step, positions
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     totals, count = [0.0] * len(layout), 0
-    try:
-        with torch.inference_mode():
-            for ids, reference in zip(prompt_ids, references):
-                lower = base.range(0, layout[0].stop)
-                uppers = [base.range(r.start, r.stop) for r in layout[1:]]
-                hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
-                for r in uppers:
-                    hidden = r.forward(hidden, positions(0, len(ids), base.device))
-                pos = len(ids)
-                for token in reference[:-1]:
+    with torch_threads(threads), torch.inference_mode():
+        for ids, reference in zip(prompt_ids, references):
+            lower = base.range(0, layout[0].stop)
+            uppers = [base.range(r.start, r.stop) for r in layout[1:]]
+            hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
+            for r in uppers:
+                hidden = r.forward(hidden, positions(0, len(ids), base.device))
+            pos = len(ids)
+            for token in reference[:-1]:
+                t0 = time.perf_counter()
+                hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
+                int(torch.argmax(logits))
+                times = [time.perf_counter() - t0]
+                for i, r in enumerate(uppers):
                     t0 = time.perf_counter()
-                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
-                    int(torch.argmax(logits))
-                    times = [time.perf_counter() - t0]
-                    for i, r in enumerate(uppers):
-                        t0 = time.perf_counter()
-                        hidden = r.forward(hidden, positions(pos, 1, base.device))
-                        if i == len(uppers) - 1:
-                            int(torch.argmax(base.logits(hidden)[0, -1]))
-                        times.append(time.perf_counter() - t0)
-                    totals = [a + b for a, b in zip(totals, times)]
-                    count += 1
-                    pos += 1
-    finally:
-        torch.set_num_threads(previous)
+                    hidden = r.forward(hidden, positions(pos, 1, base.device))
+                    if i == len(uppers) - 1:
+                        int(torch.argmax(base.logits(hidden)[0, -1]))
+                    times.append(time.perf_counter() - t0)
+                totals = [a + b for a, b in zip(totals, times)]
+                count += 1
+                pos += 1
     return [t / max(count, 1) for t in totals]
 
 

@@ -293,13 +293,13 @@ def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, dev
 
 
 def generation(model: str, rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict:
-    from train.data import DEFAULT_PROMPTS, _generate_batch, _generate_batch_static
+    from train.data import DEFAULT_PROMPTS, generate_batch, generate_batch_static
 
     base = load_base(model, dtype=dtype, device=device)
     prompts = [base.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in read_prompts(DEFAULT_PROMPTS)]
     batch = sorted(prompts, key=len)[:rows]
     out = {"rows": rows, "max_new_tokens": max_new_tokens}
-    for mode, generate in (("eager", _generate_batch), ("compiled", _generate_batch_static)):
+    for mode, generate in (("eager", generate_batch), ("compiled", generate_batch_static)):
         base.set_runtime(compile=mode == "compiled")
         for _ in range(2 if mode == "compiled" else 1):  # the compiled path's first run captures; time the second
             sync(device)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from pydantic import StringConstraints
 
 from heads import UserError, build_head, load_head
-from heads import schema
+from heads import config, schema
 from heads.head import read_head_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ MODELS = {"train": schema.TrainConfig, "decode": schema.DecodeConfig, "benchmark
 
 def _members(annotation) -> list[tuple]:
     """A key's types besides null and auto: (bare type, constraints) each."""
-    members = [schema.unwrap(a) for a in schema.alternatives(annotation)]
+    members = [config.unwrap(a) for a in config.alternatives(annotation)]
     return [(t, meta) for t, meta in members
             if t is not type(None) and not (get_origin(t) is Literal and get_args(t) == ("auto",))]
 
@@ -91,8 +91,8 @@ def _out_of_range(annotation):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_option_rejects_a_wrong_type_and_an_out_of_range_value(name, tmp_path):
     model = MODELS[name]
-    schema.validate(_valid(name, tmp_path), model)  # the filled-in defaults are valid
-    keys = schema.options(model)
+    config.validate(_valid(name, tmp_path), model)  # the filled-in defaults are valid
+    keys = config.options(model)
     checked = 0
     for key, annotation in keys.items():
         for bad in (_wrong_type(annotation), _out_of_range(annotation)):
@@ -101,7 +101,7 @@ def test_every_option_rejects_a_wrong_type_and_an_out_of_range_value(name, tmp_p
             cfg = _valid(name, tmp_path)
             OmegaConf.update(cfg, key, bad, merge=False)
             with pytest.raises(UserError) as err:
-                schema.validate(cfg, model)
+                config.validate(cfg, model)
             message = str(err.value)
             assert "\n" not in message and key.split(".")[-1] in message, (key, bad, message)
             checked += 1
@@ -110,13 +110,13 @@ def test_every_option_rejects_a_wrong_type_and_an_out_of_range_value(name, tmp_p
 
 def test_cross_key_checks():
     with pytest.raises(UserError, match="nothing to decode"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"prompt": None}), schema.DecodeConfig)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"prompt": None}), schema.DecodeConfig)
     with pytest.raises(UserError, match="both prompt= and prompts="):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"prompts": "p.jsonl"}), schema.DecodeConfig)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"prompts": "p.jsonl"}), schema.DecodeConfig)
     with pytest.raises(UserError, match="needs an exit head"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"head_path": None}), schema.DecodeConfig)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"head_path": None}), schema.DecodeConfig)
     with pytest.raises(UserError, match="stage_layers"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"stage_layers": [[1, 2], [2, 3], [3, 4]]}), schema.DecodeConfig)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"stage_layers": [[1, 2], [2, 3], [3, 4]]}), schema.DecodeConfig)
 
 
 def test_gamma_is_capped_where_batch_invariance_needs_it():
@@ -128,14 +128,14 @@ def test_gamma_is_capped_where_batch_invariance_needs_it():
     for batch_invariant in (True, "auto"):  # auto: on for eesd in bf16
         options = {"gamma": longest + 1, "batch_invariant": batch_invariant, "dtype": "bfloat16", "compare": ["eesd"]}
         with pytest.raises(UserError, match=rf"gamma={longest + 1} with batch-invariant kernels.*gamma <= {longest}"):
-            resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig), quiet=True)
-    assert resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options | {"gamma": longest}),
+            resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig), quiet=True)
+    assert resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"gamma": longest}),
                                             schema.DecodeConfig), quiet=True).batch_invariant
-    assert not resolve_settings(schema.validate(OmegaConf.merge(_decode_cfg(), options | {"dtype": "float32"}),
+    assert not resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"dtype": "float32"}),
                                                 schema.DecodeConfig), quiet=True).batch_invariant  # fp32: any gamma
     bench = OmegaConf.merge(_valid("benchmark", None), {"batch_invariant": True, "gammas": [1, longest + 1]})
     with pytest.raises(UserError, match=rf"gammas={longest + 1} with batch-invariant kernels"):
-        schema.validate(bench, schema.BenchmarkConfig)
+        config.validate(bench, schema.BenchmarkConfig)
 
 
 def _decode_cfg():
@@ -162,6 +162,18 @@ def test_entry_points_print_one_line_and_exit_2(module, args, words):
     done = _run(module, *args)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("module, args", [("train", ["batch_size=two"]),
+                                          ("decode", ["stages=1", "prompt=hi", "head_path=x"])])
+def test_bad_input_is_refused_before_torch_is_imported(module, args):
+    """The one line comes first; torch and transformers take seconds to import."""
+    code = (f"import runpy, sys\nsys.argv = [{module!r}, *{args!r}]\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert done.stdout.split() == ["2", "False"] and done.stderr.startswith("error:"), done.stdout + done.stderr
 
 
 def test_a_token_on_the_command_line_is_never_printed(tmp_path, tiny_base):

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from heads import UserError, build_head, load_head
 from heads.files import atomic_write_text, read_prompts, run_folder, staged_files
-from heads.schema import DecodeConfig, validate
+from heads.config import validate
+from heads.schema import DecodeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}

@@ -114,20 +114,20 @@ def test_teacher_answers_on_the_compiled_runtime_are_each_prompts_own_and_captur
     """Continuous batching: 10 prompts through 4 rows, rows refilled as answers end (tokens of the answers made
     EOS tokens so answers end early, at different steps): each greedy answer is the one its prompt gets alone, and
     every step of the turn, greedy or sampled, runs one captured shape."""
-    from train.data import _generate_batch, _generate_batch_static, generate_responses, slot_count
+    from train.data import generate_batch, generate_batch_static, generate_responses, slot_count
 
     base = load_base(tiny_model_dir)
     prompts = [list(range(5 + 7 * n, 5 + 8 * n + 2)) for n in range(10)]  # 2..11 tokens
     settings = dict(max_new_tokens=12, sample=False, temperature=1.0, top_p=1.0, seed=0)
-    free = [_generate_batch(base, [p], **settings)[0] for p in prompts]
+    free = [generate_batch(base, [p], **settings)[0] for p in prompts]
     stop = [a[(3 * i) % 11] for i, a in enumerate(free) if i % 3]  # every third answer runs to the end
     base.model.generation_config.eos_token_id = stop
-    alone = [_generate_batch(base, [p], **settings)[0] for p in prompts]
+    alone = [generate_batch(base, [p], **settings)[0] for p in prompts]
     assert len({len(a) for a in alone}) > 2 and min(map(len, alone)) < 12  # answers end at different steps
     base.set_runtime(static=True, compile=True)
-    assert _generate_batch_static(base, prompts, batch_size=4, **settings) == alone
-    assert _generate_batch_static(base, prompts[::-1], batch_size=4, **settings) == alone[::-1]
-    sampled = _generate_batch_static(base, prompts, batch_size=4, **settings | {"sample": True, "temperature": 0.8})
+    assert generate_batch_static(base, prompts, batch_size=4, **settings) == alone
+    assert generate_batch_static(base, prompts[::-1], batch_size=4, **settings) == alone[::-1]
+    sampled = generate_batch_static(base, prompts, batch_size=4, **settings | {"sample": True, "temperature": 0.8})
     assert all(0 < len(a) <= 12 for a in sampled)
     assert base.runtime.captured == {("slots", 4, 256)}
     assert [slot_count(n, 8) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, 8, 8]
@@ -173,7 +173,8 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     from omegaconf import OmegaConf
 
     from decode.evaluate import run
-    from heads.schema import DecodeConfig, validate
+    from heads.config import validate
+    from heads.schema import DecodeConfig
 
     base = load_base(tiny_model_dir)
     build_head(base, "mlp", 2).save_pretrained(tmp_path / "head")

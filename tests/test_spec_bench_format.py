@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from decode.evaluate import run
 from heads import build_head
-from heads.schema import DecodeConfig, validate
+from heads.config import validate
+from heads.schema import DecodeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [  # two turns each (the answer is fed back) and two categories, like Spec-Bench's MT-bench rows

@@ -3,15 +3,15 @@
 import atexit
 import json
 import os
+import sys
 
 from heads.cli import entry_point
 from heads.schema import TrainConfig
 
 
 def _destroy_process_group():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never imported (bad input stops before torch): nothing to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from heads import UserError, sampling
 from heads.base import cache_kwarg, cache_root
-from heads.files import atomic_write_json, atomic_write_text, read_prompts
+from heads.files import atomic_write_json, atomic_write_text, prompt_turns, read_prompts
 from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
@@ -61,15 +61,8 @@ def with_prompt_positions(examples: list[Example]) -> list[Example]:
 # ---------------------------------------------------------------- prompts
 
 
-def _check_prompt(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object with 'turns', got {type(row).__name__}")
-    turns = row.get("turns")
-    if isinstance(turns, str):
-        turns = [turns]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise UserError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
-    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": turns}
+def _check_prompt(row: dict, where: str) -> dict:
+    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": prompt_turns(row, where)}
 
 
 def load_prompts(source, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
@@ -171,7 +164,7 @@ def next_tokens(logits: torch.Tensor, *, sample: bool, temperature: float, top_p
     return sampling.sample(logits, sampling.Sampling(temperature, top_p) if sample else sampling.GREEDY, generator)
 
 
-def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
+def generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
                     top_p: float, seed: int) -> list[list[int]]:
     """Left-padded batched generation with one KV cache; returns each response up to and including its EOS.
 
@@ -234,7 +227,7 @@ def _prefill_rows(base, prompts_ids: list[list[int]]):
     return logits, [(moved(layer.keys), moved(layer.values)) for layer in cache.layers[:base.num_layers]], width
 
 
-def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
+def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
                            temperature: float, top_p: float, seed: int, batch_size: int | None = None,
                            check_every: int | None = None) -> list[list[int]]:
     """Every prompt's answer on the compiled runtime (`base.set_runtime(compile=True)`), continuously batched:
@@ -324,7 +317,7 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, sample: int | No
     name = "greedy answers" if not sampled else f"sampled answers #{sample + 1}"
     bar = tqdm(total=sum(len(p["turns"]) for p in mine), desc=name, unit="resp", disable=not progress,
                dynamic_ncols=True)
-    generate = _generate_batch_static if base.runtime.compile else _generate_batch
+    generate = generate_batch_static if base.runtime.compile else generate_batch
     for turn in range(max((len(p["turns"]) for p in mine), default=0)):
         encoded = {}
         for p in mine:
@@ -388,7 +381,7 @@ def generation_batch_size(base, cfg) -> int:
     return max(1, min(512, int(0.5 * free) // bytes_per_row))
 
 
-def _gen_settings(cfg) -> dict:
+def generation_settings(cfg) -> dict:
     return {"max_new_tokens": int(cfg.max_new_tokens), "max_prompt_tokens": int(cfg.max_prompt_tokens),
             "samples": int(cfg.samples), "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
             "batch_size": int(cfg.gen_batch_size), "seed": int(cfg.gen_seed), "dtype": str(cfg.gen_dtype)}
@@ -403,7 +396,7 @@ def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | No
 
     Each variant (greedy, sample 0, sample 1, ...) is cached in its own file, written once (ranks share the
     work): asking for more samples later generates only the new ones."""
-    gen = _gen_settings(cfg)
+    gen = generation_settings(cfg)
     order = {p["id"]: i for i, p in enumerate(prompts)}
     sources: dict[str, list[dict]] = {}
     for p in prompts:

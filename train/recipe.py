@@ -339,7 +339,7 @@ class DistillRecipe:
         metadata = {
             "training": {"data": {"prompts": D.source_names(cfg.data.prompts), "num_prompts": len(self.prompts),
                                   "examples": len(self.train_set), "cache": [str(d) for d in self.data_dirs],
-                                  "generation": D._gen_settings(self.data)},
+                                  "generation": D.generation_settings(self.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
                          "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(self.matmul_dtype),
                          "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(self.dtype),
