@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -199,14 +200,18 @@ class Decoder:
                 loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
                                    window=self.window, **common)
             watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+            start, first_token_s = time.perf_counter(), None
             try:
                 while True:
                     token = next(loop)
+                    if first_token_s is None:  # the prefill's share of the wall time (decode-only tokens/s)
+                        first_token_s = time.perf_counter() - start
                     for pipeline in watched:
                         pipeline.check_alive()
                     yield token
             except StopIteration as stop_iteration:
                 self.last_generation = stop_iteration.value
+                self.last_generation.stats["first_token_s"] = first_token_s
             finally:
                 loop.close()
         except PipelineError:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from decode.common import Generation
 from decode.measure import ar_token_s, figures, predict
@@ -242,7 +244,10 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         files = {m: output.open(f"answers_{m}.jsonl") for m in methods}
         gens_by_method, cats_by_method, records_by_method = defaultdict(list), defaultdict(list), defaultdict(list)
         mismatches = []
-        for qi, question in enumerate(questions):
+        # a bar on a terminal only (disable=None), and none while answers stream to the same terminal
+        progress = tqdm(questions, desc=" + ".join(methods), unit="question", file=sys.stderr, dynamic_ncols=True,
+                        disable=None if print_text is None else True)
+        for question in progress:
             tokens_by_method = {}
             for m in methods:
                 show = print_text if (print_text and m == cfg.method) else None
@@ -291,12 +296,15 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         "questions": len(questions),
         "acceptance_rate": main["acceptance_rate"],
         "mean_accepted_length": main["mean_accepted_length"],
-        "tokens_per_s": main["tokens_per_s"],
+        "tokens_per_s": main["tokens_per_s"],  # new tokens / wall time, prefill included (Spec-Bench's)
+        "decode_tokens_per_s": main["decode_tokens_per_s"],  # first token to last: prefill excluded
         "speedup_vs_ar": main["speedup_vs_ar"],
         "spec_bench_speedup": main["spec_bench_speedup"],  # Spec-Bench speed.py's figure
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
         "lossless": not mismatches if cfg.temperature <= 0 else None,
+        "lossless_by_method": {m: (not any(x["method"] == m for x in mismatches)) if cfg.temperature <= 0 else None
+                               for m in methods[1:]},
         "mismatches": mismatches[:20],
         "fastest_method": summary["fastest_method"],
         "compare": {m: figs[m] for m in methods if m != cfg.method},

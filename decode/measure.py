@@ -37,11 +37,17 @@ def acceptance(gens: Sequence[Generation]) -> float | None:
 
 
 def figures(gens: Sequence[Generation]) -> dict:
-    """tokens/s (all new tokens / all wall time), acceptance, mean accepted length over generations."""
+    """tokens/s (all new tokens / all wall time, prefill included), decode_tokens_per_s (the tokens after each
+    answer's first / the time from its first token to its last: prefill excluded; None when a Decoder did not
+    time the first token), acceptance, mean accepted length over generations."""
     tokens = sum(g.new_tokens for g in gens)
     wall = sum(g.wall_time for g in gens)
     lengths = [n for g in gens for n in g.accept_lengths]
+    timed = all(g.stats.get("first_token_s") is not None for g in gens)
+    decode_s = sum(g.wall_time - g.stats["first_token_s"] for g in gens) if timed else 0.0
+    decode_tps = sum(g.new_tokens - 1 for g in gens) / decode_s if timed and decode_s > 0 else None
     return {"new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "decode_tokens_per_s": decode_tps,
             "acceptance_rate": acceptance(gens),
             "drafts_verified": sum(g.drafts_verified for g in gens),
             "drafts_accepted": sum(g.drafts_accepted for g in gens),
