@@ -350,6 +350,7 @@ BENCHMARK = Spec("benchmark", {
     "warmup_tokens": integer(0),
     "seed": integer(0),
     "target_tolerance": number(0, above=True),
+    "plot": text(null=True),
     "theory.num_layers": integer(2),
     "theory.layer_ms": number(0, above=True),
     "theory.head_ms": _MS,
