@@ -310,5 +310,6 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         "compare": {m: figs[m] for m in methods if m != cfg.method},
         "figures": figs[cfg.method],
         "out_dir": str(out_dir),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     return round_floats(result)
