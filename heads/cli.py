@@ -151,7 +151,10 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
 
                 spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as -m: the module, not "__main__"
                 module = spec.name if spec is not None else task.__module__
-                print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"))
+                try:
+                    print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"), flush=True)
+                except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(0)
             try:
                 check_command_line(sys.argv[1:], config_name)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 _LINE = re.compile(r"^(?P<indent> *)(?P<key>[\w.]+):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
+_DEFAULT = re.compile(r"^\s+-\s+(?:(?P<group>\w+):\s*(?P<choice>\w+)|(?P<name>\w+))\s*(?:#\s?(?P<comment>.*))?$")
 _SKIP = ("defaults", "hydra")
 
 
@@ -24,7 +25,7 @@ def _options(path: Path, prefix: str = "") -> tuple[list[str], list[tuple[str, s
     in_defaults = False
     for line in lines:
         if in_defaults:
-            entry = re.match(r"^\s+-\s+(?:(?P<group>\w+):\s*(?P<choice>\w+)|(?P<name>\w+))\s*(?:#\s?(?P<comment>.*))?$", line)
+            entry = _DEFAULT.match(line)
             if entry and entry["group"] and entry["group"] != "override":
                 groups.append((prefix + entry["group"], entry["choice"], entry["comment"] or ""))
             elif entry and entry["name"] and entry["name"] != "_self_":  # a config this one extends
@@ -59,10 +60,7 @@ def command_help(config_name: str, command: str) -> str:
     header, options, groups = _options(CONF / f"{config_name}.yaml")
     lines = [f"usage: {command} [key=value ...]", ""]
     lines += [h for h in header if h] + [""]
-    width = max((len(f"{k}={v}") for k, v, _ in options), default=0)
-    for group, choice, comment in groups:
-        choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-        width = max(width, len(f"{group}={choice}"))
+    width = max([len(f"{k}={v}") for k, v, _ in options] + [len(f"{g}={c}") for g, c, _ in groups], default=0)
     if groups:
         lines.append("config groups (each also takes its own keys as group.key=value):")
         for group, choice, comment in groups:
