@@ -1,4 +1,5 @@
-"""python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; the last line printed is one JSON object.
+"""python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; a table per method at the end (decode/report.py),
+and the last line printed is one JSON object.
 
     python -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl max_new_tokens=128 compare=[ar,eesd]
     python -m decode interactive=true method=ppsd head_path=HEAD    # a chat, answers streamed with tokens/s and α
@@ -71,6 +72,9 @@ def main(cfg: DecodeConfig) -> None:
         out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
         show = (lambda text: print(text, end="", flush=True)) if cfg.stream else None
         result = run(cfg, out_dir, print_text=show)
+        from decode.report import methods_table
+
+        print("\n" + methods_table(result) + f"\n(answers and summary.json in {out_dir})\n", flush=True)
         print(json.dumps(result), flush=True)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from decode.common import Generation
 from decode.measure import ar_token_s, figures, predict
@@ -259,7 +261,10 @@ def answer_all(cfg, decoders: dict, questions: list[dict], output, model_id: str
     """Every question through every method in turn, each answer written to its file as it comes."""
     methods, done = list(decoders), Answers()
     files = {m: output.open(f"answers_{m}.jsonl") for m in methods}
-    for question in questions:
+    # a bar on a terminal only (disable=None), and none while answers stream to the same terminal
+    progress = tqdm(questions, desc=" + ".join(methods), unit="question", file=sys.stderr, dynamic_ncols=True,
+                    disable=None if print_text is None else True)
+    for question in progress:
         tokens_by_method = {}
         for m in methods:
             show = print_text if (print_text and m == cfg.method) else None
@@ -359,9 +364,12 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
         "stage_overlap": ticks["overlap"] if ticks else None,
         "handoff_us": ticks["handoff_s"] * 1e6 if ticks else None,  # one stage-to-stage hand-off, per position
         "lossless": not done.mismatches if cfg.temperature <= 0 else None,
+        "lossless_by_method": {m: (not any(x["method"] == m for x in done.mismatches)) if cfg.temperature <= 0 else None
+                               for m in decoders if m != "ar"},
         "mismatches": done.mismatches[:20],
         "fastest_method": summary["fastest_method"],
         "compare": {m: figs[m] for m in decoders if m != cfg.method},
         "figures": figs[cfg.method],
         "out_dir": str(out_dir),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

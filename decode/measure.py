@@ -38,7 +38,9 @@ def acceptance(gens: Sequence[Generation]) -> float | None:
 
 
 def figures(gens: Sequence[Generation]) -> dict:
-    """tokens/s (all new tokens / all wall time), acceptance, mean accepted length over generations."""
+    """tokens/s (all new tokens / all wall time, prefill included), decode_tokens_per_s (the tokens after each
+    answer's first / the time from its first token to its last: prefill excluded; None when a Decoder did not
+    time the first token), acceptance, mean accepted length over generations."""
     tokens = sum(g.new_tokens for g in gens)
     wall = sum(g.wall_time for g in gens)
     lengths = [n for g in gens for n in g.accept_lengths]

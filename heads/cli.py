@@ -12,6 +12,7 @@ sees one line, never a secret.
 - An unknown flag (`--bogus`) is one line and exit 2, not Hydra's usage; `token=` is refused beside the flags
   that make Hydra write or print the config (`-m` writes multirun.yaml, `--cfg` prints it): secrets stay in memory.
 - A full disk met anywhere is one line.
+- `--help` lists the command's own options, one line each (heads/help.py).
 """
 
 from __future__ import annotations
@@ -157,6 +158,16 @@ def entry_point(config_name: str, options: type[Options] | None, *, one_line_err
             os.environ["HYDRA_FULL_ERROR"] = "1"
             if sigterm:
                 signal.signal(signal.SIGTERM, _terminate)
+            if {"-h", "--help"} & set(sys.argv[1:]):  # this command's options, not Hydra's app-wide help
+                from heads.help import command_help
+
+                spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as -m: the module, not "__main__"
+                module = spec.name if spec is not None else task.__module__
+                try:
+                    print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"), flush=True)
+                except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(0)
             try:
                 check_command_line(sys.argv[1:], config_name)
                 run_hydra()

@@ -43,7 +43,6 @@ def _base_config(base_config: dict):
 class ExitHead(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="ppsd",
     tags=["ppsd", "early-exit", "self-speculative-decoding"],
 ):
     """An exit head; its constructor arguments are its config.json."""

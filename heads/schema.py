@@ -223,6 +223,7 @@ class BenchmarkConfig(Options):
     warmup_tokens: Natural
     seed: Natural
     target_tolerance: Positive
+    plot: Text | None
     theory: TheoryOptions
 
     @model_validator(mode="after")
