@@ -102,6 +102,9 @@ def describe(annotation) -> str:
         elif typing.get_origin(bare) is list:
             item = describe(typing.get_args(bare)[0]).removeprefix("an ").removeprefix("a ")
             words.append(f"a{' non-empty' if any(isinstance(m, MinLen) for m in meta) else ''} list of {item}")
+        elif typing.get_origin(bare) is dict:
+            key, value = (describe(a).removeprefix("an ").removeprefix("a ") for a in typing.get_args(bare))
+            words.append(f"a mapping from {key} to {value}")
         elif bare is bool:
             words.append("true or false")
         elif bare in (int, float):

@@ -196,6 +196,7 @@ class TheoryOptions(Options):
     feedback_ms: Millis | None
     verify_batch_slope: Millis
     allreduce_ms: Millis | None
+    tp_shard_ms: dict[Stages, Positive] | None
     alphas: nonempty(Fraction)
     stages: nonempty(Stages)
     exit_layers: Count | nonempty(Count) | None

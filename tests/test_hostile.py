@@ -64,6 +64,8 @@ def _wrong_type(annotation):
         return 7
     if get_origin(bare) is list:
         return "not-a-list"
+    if get_origin(bare) is dict:
+        return "not-a-mapping"
     if bare is str:
         return 5 if any(isinstance(m, StringConstraints) for m in meta) else {"a": 1}  # a device / a text
     return {int: "many", float: "lots", bool: "maybe"}[bare]
@@ -85,6 +87,9 @@ def _out_of_range(annotation):
     if get_origin(bare) is list:
         item = _out_of_range(get_args(bare)[0])
         return [] if _nonempty(annotation) else [item if item is not None else {}]
+    if get_origin(bare) is dict:  # a key out of range
+        key, value = get_args(bare)
+        return {_out_of_range(key): 1.0}
     return None  # bool / str: no range
 
 
