@@ -315,6 +315,8 @@ class Base:
         self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
         self.batch_invariant = False
         self.layers = list(self.decoder.layers)  # slicing the ModuleList would build a new module per call
+        # read once: a getattr with a default on a layer inside a compiled step breaks dynamo on torch 2.8
+        self.attention_types = [getattr(layer, "attention_type", "full_attention") for layer in self.layers]
         self.layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
         self.runtime = RuntimeSettings()
         self._identity = None
@@ -415,8 +417,8 @@ class Base:
         kwargs = dict(position_embeddings=self.position_embeddings(hidden, position_ids), position_ids=position_ids,
                       use_cache=cache is not None)
         kwargs[self.layer_cache_kwarg] = cache
-        for layer in self.layers[start:end]:
-            hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")], **kwargs)
+        for layer, kind in zip(self.layers[start:end], self.attention_types[start:end]):
+            hidden = layer(hidden, attention_mask=masks[kind], **kwargs)
         return hidden
 
     def run_layers_padded(self, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):

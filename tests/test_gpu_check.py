@@ -4,14 +4,18 @@ falls back to an untrained head)."""
 
 import json
 
-from scripts.gpu_check import main
+from scripts.gpu_check import BUDGETS, main
+
+# the budgets are a GPU's; a shared 2-core CPU takes minutes for what a GPU does in seconds
+CPU_BUDGETS = [arg for step in BUDGETS for arg in ("--budget", f"{step}=900")] + ["--time-limit", "3600"]
 
 
 def test_a_failed_step_is_recorded_and_the_others_run(tiny_model_dir, spec_bench_path, tmp_path):
     report = main(["--device", "cpu", "--model", tiny_model_dir, "--prompts", spec_bench_path, "--limit", "1",
                    "--steps", "train,decode,benchmark", "--max-new-tokens", "4", "--train-overrides", "no_such_key=1",
                    "--out-dir", str(tmp_path), "--decode-overrides", "threads=1 warmup=false",
-                   "--benchmark-overrides", "num_prompts=1 alphas=[0.0,1.0] gammas=[1] warmup_tokens=0 ar_threads=1"])
+                   "--benchmark-overrides", "num_prompts=1 alphas=[0.0,1.0] gammas=[1] warmup_tokens=0 ar_threads=1",
+                   *CPU_BUDGETS])
     steps = report["steps"]
     assert steps["train"]["error"] and "no_such_key" in steps["train"]["error"]
     for placement in ("streams", "processes"):
@@ -25,7 +29,7 @@ def test_a_failed_step_is_recorded_and_the_others_run(tiny_model_dir, spec_bench
 
 def test_the_7b_teacher_and_shard_steps_run_at_a_tiny_shape(tiny_model_dir, tmp_path):
     report = main(["--device", "cpu", "--tiny", "--model", tiny_model_dir, "--steps", "runtime7b,teacher,shards",
-                   "--out-dir", str(tmp_path)])
+                   "--out-dir", str(tmp_path), *CPU_BUDGETS])
     steps = report["steps"]
     assert report["ok"], {k: s["error"] for k, s in steps.items()}
     model = steps["runtime7b"]["model_7b"]
