@@ -155,8 +155,8 @@ def load_model(cfg: DictConfig):
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
     device = str(check_device(resolve_device(cfg.device)))
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=resolve_dtype(cfg.dtype, device), device=device,
-                     batch_invariant=bool(cfg.batch_invariant))
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=resolve_dtype(cfg.dtype, device),
+                     device=device, batch_invariant=bool(cfg.batch_invariant))
     if cfg.head_path:
         from decode.decoder import check_exact_base
 

@@ -79,7 +79,7 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
 
 def run(cfg: TrainConfig) -> dict | None:
     """The whole job; its result (what metrics.json holds) on rank 0, None on the other ranks. `cfg`: the
-    checked options (`heads.schema.validate(dictconfig, TrainConfig)`, as the entry point passes them)."""
+    checked options (`heads.config.validate(dictconfig, TrainConfig)`, as the entry point passes them)."""
     recipe = DistillRecipe(cfg)
     # The run owns out_dir (rank 0 holds it for all ranks): a second run into it refuses.
     with run_folder(recipe.out_dir, "python -m train") if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
