@@ -330,7 +330,7 @@ _MS = number(0)
 
 BENCHMARK = Spec("benchmark", {
     "mode": choice(*BENCHMARK_MODES, what="mode"),
-    "model": text(),
+    "model": text(null=True),
     "head_path": text(null=True),
     "exit_layer": integer(1, null=True),
     "head_type": choice(*HEAD_TYPES),
