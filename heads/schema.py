@@ -204,7 +204,7 @@ class TheoryOptions(Options):
 
 class BenchmarkConfig(Options):
     mode: Literal[BENCHMARK_MODES] = Field(title="mode")
-    model: Text
+    model: Text | None
     head_path: Text | None
     exit_layer: Count | None
     head_type: HeadType

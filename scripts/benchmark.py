@@ -358,7 +358,7 @@ def run_runtime(cfg: DictConfig) -> dict:
 
     device = str(check_device(resolve_device(cfg.device)))
     cuda = device.startswith("cuda")
-    return runtime_bench.run(model=cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device), tokens=int(cfg.max_new_tokens),
+    return runtime_bench.run(model=cfg.model or "smollm2", device=device, dtype=resolve_dtype(cfg.dtype, device), tokens=int(cfg.max_new_tokens),
                              threads=1 if is_auto(cfg.ar_threads) else int(cfg.ar_threads), head_path=cfg.head_path,
                              gen_rows=128 if cuda else 0, layer_7b_figures=cuda)
 

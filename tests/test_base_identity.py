@@ -67,6 +67,7 @@ def test_a_hub_snapshot_is_recorded_with_its_commit_and_read_by_it(tmp_path):
     assert identity_source(identity) == "org/base@" + "c" * 40
 
 
+@pytest.mark.integration
 def test_the_embedded_base_is_its_own_q4_1_file():
     embedded = EMBEDDED_MODELS["smollm2"]
     folder = resolve_model_path("smollm2")
@@ -77,6 +78,7 @@ def test_the_embedded_base_is_its_own_q4_1_file():
     assert identity_source(identity) == "smollm2"  # never the hub id it was quantized from
 
 
+@pytest.mark.integration
 def test_a_head_on_the_embedded_base_never_loads_another(tmp_path):
     smollm2 = load_base("smollm2", layers=range(0, 1), lm_head=False)  # the identity needs no weights
     head = build_head(smollm2, "mlp", exit_layer=15)

@@ -8,6 +8,8 @@ import pytest
 from decode import TextDecoder
 from heads import UserError, build_head, load_base
 
+pytestmark = pytest.mark.integration
+
 PROMPT = "Name three rivers in Africa."
 
 
