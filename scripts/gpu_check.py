@@ -11,8 +11,12 @@ error and the next still runs; later steps get what is left of --time-limit):
 2. teacher (75 s): teacher generation as training runs it (default prompts, compiled, continuous batch):
    greedy and sampled tokens/s, capture included;
 3. train (120 s): `python -m train` (the default training), its last JSON line (head_path, held-out α, timings);
-4. decode_<placement> (45 s each): PPSD with compare=[ar,eesd] on the first `--limit` dev prompts, once per
-   placement (streams, processes): losslessness, speedups, ms/token;
+4. decode_<placement> (45 s each): PPSD against AR on the first `--limit` dev prompts, once per placement
+   (streams: one process drives both stages on CUDA streams; processes: spawned stage processes), on the plain
+   compiled steps (no eesd in the run, so no batch-invariant padding): losslessness, tokens/s and ms/token with
+   and without prefill, the speedups, the prediction from the measured tick costs, the stages' overlap and the
+   hand-off; then decode_eesd (45 s): EESD against AR (bf16: batch-invariant, padded steps), losslessness and
+   speed; `placements` sums up PPSD per placement and the loop's AR ms/token against the AR step inside it;
 5. benchmark (45 s): `python -m scripts.benchmark mode=oracle`: measured vs predicted speedups at fixed α;
 6. shards (45 s): one 7B-shaped layer split S = 1, 2, 4, 8 ways (tensor-parallel shard costs for the theory).
 `runtime` (SmolLM2 eager vs compiled vs HF generate, `scripts.benchmark mode=runtime`) runs when named in
@@ -37,7 +41,7 @@ BENCHMARK_DEFAULTS = ["num_prompts=2", "alphas=[0.0,0.5,0.9,1.0]"]
 # seconds each step may take at most (the whole check: --time-limit)
 BUDGETS = {"runtime7b": 150, "teacher": 75, "train": 120, "decode": 45, "benchmark": 45, "shards": 45, "runtime": 150}
 STEPS = "runtime7b,teacher,train,decode,benchmark,shards"
-PLACEMENTS = ("streams", "processes")
+PLACEMENTS = ("streams", "processes")  # decode runs PPSD once per placement (and EESD once, `decode_eesd`)
 # --tiny: the 7B step's code at a shape a CPU compiles in seconds
 TINY_SHAPE = ["--layers", "1", "--hidden", "128", "--intermediate", "256", "--heads", "4", "--kv-heads", "2",
               "--head-dim", "32", "--vocab", "256", "--tokens", "4", "--repeats", "2"]
@@ -164,14 +168,40 @@ def train_figures(result: dict) -> dict:
 
 
 def decode_figures(result: dict) -> dict:
-    """Per method: speedups, tokens/s and ms/token; the verdicts and α of the main method (ppsd)."""
+    """Per method: tokens/s and ms/token with prefill (Spec-Bench's) and without (first token to last), the
+    speedups and the AR step timed inside the loop; for ppsd its placement, prediction, overlap and hand-off."""
+    def ms(tps):
+        return round(1000 / tps, 3) if tps else None
+
     methods = {result["method"]: result["figures"]} | result.get("compare", {})
-    per_method = {m: {"tokens_per_s": f["tokens_per_s"],
-                      "ms_per_token": round(1000 / f["tokens_per_s"], 3) if f["tokens_per_s"] else None,
-                      "speedup_vs_ar": f["speedup_vs_ar"], "spec_bench_speedup": f.get("spec_bench_speedup"),
-                      "acceptance_rate": f["acceptance_rate"]} for m, f in methods.items()}
-    return {"lossless": result["lossless"], "mismatches": result["mismatches"], "questions": result["questions"],
-            "stage_layers": result["stage_layers"], "exit_layer": result["exit_layer"], "methods": per_method}
+    per_method = {m: {"tokens_per_s": f["tokens_per_s"], "ms_per_token": ms(f["tokens_per_s"]),
+                      "decode_tokens_per_s": f.get("decode_tokens_per_s"),
+                      "decode_ms_per_token": ms(f.get("decode_tokens_per_s")),
+                      "speedup_vs_ar": f["speedup_vs_ar"], "decode_speedup_vs_ar": f.get("decode_speedup_vs_ar"),
+                      "spec_bench_speedup": f.get("spec_bench_speedup"), "acceptance_rate": f["acceptance_rate"],
+                      "predicted_speedup": f.get("predicted_speedup")} for m, f in methods.items()}
+    keep = ("lossless", "mismatches", "questions", "stage_layers", "exit_layer", "placement", "runtime", "capture_s",
+            "captures_while_timing", "measured_over_predicted", "stage_overlap", "handoff_us")
+    return {k: result.get(k) for k in keep} | {"methods": per_method}
+
+
+def placements_summary(steps: dict) -> dict:
+    """PPSD's decode-only speedup over AR per placement, with its prediction, overlap and hand-off, and the loop's
+    AR ms/token (prefill excluded) next to the AR step time measured inside the same loop."""
+    out = {}
+    for name, step in steps.items():
+        methods = step.get("methods") or {}
+        if not name.startswith("decode_") or "ppsd" not in methods:
+            continue
+        ppsd = methods["ppsd"]
+        out[step.get("placement") or name.removeprefix("decode_")] = {
+            "lossless": step.get("lossless"), "decode_speedup_vs_ar": ppsd["decode_speedup_vs_ar"],
+            "speedup_vs_ar": ppsd["speedup_vs_ar"], "predicted_speedup": ppsd["predicted_speedup"],
+            "measured_over_predicted": step.get("measured_over_predicted"), "alpha": ppsd["acceptance_rate"],
+            "stage_overlap": step.get("stage_overlap"), "handoff_us": step.get("handoff_us"),
+            "ar_decode_ms_per_token": methods.get("ar", {}).get("decode_ms_per_token"),
+            "ar_ms_per_token_with_prefill": methods.get("ar", {}).get("ms_per_token")}
+    return out
 
 
 def benchmark_figures(result: dict) -> dict:
@@ -193,7 +223,8 @@ def figures_of(step: dict, extract) -> None:
 
 
 def decode_step(args: argparse.Namespace, head_path: str | None, placement: str, timeout: float) -> dict:
-    """PPSD (at `placement`) vs ar and eesd on the dev prompts, with the trained head or else an untrained one."""
+    """PPSD at `placement` (or, with placement "eesd", EESD) against AR on the dev prompts, with the trained head
+    or else an untrained one."""
     note = head_path
     if not head_path:
         try:
@@ -202,9 +233,10 @@ def decode_step(args: argparse.Namespace, head_path: str | None, placement: str,
             return {"wall_s": 0.0, "error": f"no head to decode with: {type(e).__name__}: {e}"}
         note = f"untrained (training gave no head): {head_path}"
     step = run_step(f"decode_{placement}", [
-        "decode", "method=ppsd", "compare=[ar,eesd]", f"head_path={head_path}", f"prompts={args.prompts}",
+        "decode", *(["method=eesd"] if placement == "eesd" else ["method=ppsd", f"placement={placement}"]),
+        "compare=[ar]", f"head_path={head_path}", f"prompts={args.prompts}",
         f"limit={args.limit}", f"max_new_tokens={args.max_new_tokens}", f"device={args.device}",
-        f"dtype={args.dtype}", f"placement={placement}", f"out_dir={args.out_dir / f'decode_{placement}'}",
+        f"dtype={args.dtype}", f"out_dir={args.out_dir / f'decode_{placement}'}",
         *shlex.split(args.decode_overrides),
     ], args.out_dir, timeout)
     step["head"] = note
@@ -254,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
         figures_of(steps["train"], train_figures)
         head_path = steps["train"].get("head_path")
     if "decode" in wanted:
-        for placement in args.placements.split(","):
+        for placement in [*args.placements.split(","), "eesd"]:
             steps[f"decode_{placement}"] = decode_step(args, head_path, placement, timeout("decode"))
+        report["placements"] = placements_summary(steps)
     if "benchmark" in wanted:
         steps["benchmark"] = run_step("benchmark", [
             "scripts.benchmark", "mode=oracle", f"model={args.model}", f"prompts={args.prompts}",
