@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from decode.decoder import Decoder, decode_threads, padded_rows, resolve_base_model
+from decode.decoder import Decoder, decode_threads, padded_rows, resolve_base_model, resolve_placement
 from heads import load_base
 from heads.errors import UserError
 from heads.hardware import check_device, is_auto, resolve_compile, resolve_dtype
@@ -90,8 +90,10 @@ class TextDecoder:
         method, why = resolve_method(method, head, stages, device)
         if method != "ar" and head is None:
             raise UserError(f"method={method} needs an exit head: TextDecoder.from_pretrained('HEAD_FOLDER_OR_HUB_ID')")
-        if method == "ppsd" and not torch.distributed.is_initialized():
-            check_spawn_guard()
+        torchrun = torch.distributed.is_initialized()
+        if method == "ppsd" and resolve_placement(decoder_kwargs.get("placement", "auto"), device, stages,
+                                                  torchrun) == "processes" and not torchrun:
+            check_spawn_guard()  # streams / devices run every stage in this process: nothing is spawned
         dtype = resolve_dtype(dtype, device, quiet=quiet)
         compile = resolve_compile(compile, device, quiet=quiet)
         if is_auto(batch_invariant):  # below fp32, every method on kernels whose bits do not depend on positions
