@@ -150,7 +150,9 @@ def summarize(gens_by_method: dict[str, list[Generation]], cats_by_method: dict[
                                                         "speedup_vs_ar", "spec_bench_speedup", "new_tokens")}
         result[name] = figs
     fastest = max(result, key=lambda n: result[n]["tokens_per_s"])
-    return {"figures": result, "fastest_method": fastest}
+    # one AR step as timed inside the loop (embedding, layers, LM head, the token read): the loop's ms/token
+    # without prefill against it is the loop's own per-token cost
+    return {"figures": result, "fastest_method": fastest, "ar_step_ms": t_ar * 1e3 if t_ar else None}
 
 
 def round_floats(obj, digits: int = 5):
@@ -368,6 +370,7 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
                                for m in decoders if m != "ar"},
         "mismatches": done.mismatches[:20],
         "fastest_method": summary["fastest_method"],
+        "ar_step_ms": summary["ar_step_ms"],
         "compare": {m: figs[m] for m in decoders if m != cfg.method},
         "figures": figs[cfg.method],
         "out_dir": str(out_dir),

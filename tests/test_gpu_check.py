@@ -25,6 +25,7 @@ def test_a_failed_step_is_recorded_and_the_others_run(tiny_model_dir, spec_bench
         assert decode["methods"]["ar"]["decode_ms_per_token"] > 0
     assert set(report["placements"]) == {"streams", "processes"}
     assert report["placements"]["processes"]["lossless"] and report["placements"]["streams"]["lossless"]
+    assert report["placements"]["streams"]["ar_step_ms"] > 0
     assert report["placements"]["streams"]["alpha"] is not None  # (tick costs need warmup, off here: no prediction)
     assert steps["benchmark"]["error"] is None and [r["alpha"] for r in steps["benchmark"]["rows"]] == [0.0, 1.0]
     assert report["ok"] is False and report["environment"]["device"] == "cpu"
