@@ -224,7 +224,8 @@ class Decoder:
         if tokens > 0:
             self.generate(prompt_ids, tokens, **kwargs)
         if self.local is not None:  # what one tick costs, each stage alone and together: theory's inputs
-            self.local.measure_ticks(prompt_ids[-64:])
+            with torch_threads(self.threads):  # as the decode loop runs (stream sets the same count)
+                self.local.measure_ticks(prompt_ids[-64:])
 
     @property
     def stages(self) -> int:
