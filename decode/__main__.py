@@ -1,6 +1,8 @@
-"""python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; the last line printed is one JSON object.
+"""python -m decode: ar / eesd / ppsd on Spec-Bench-format prompts; a table per method at the end (decode/report.py),
+and the last line printed is one JSON object.
 
     python -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl max_new_tokens=128 compare=[ar,eesd]
+    python -m decode interactive=true method=ppsd head_path=HEAD    # a chat, answers streamed with tokens/s and α
     torchrun --nproc_per_node 2 -m decode method=ppsd stages=2 head_path=HEAD prompts=FILE.jsonl
 """
 
@@ -9,11 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from decode.protocol import PipelineError
 from heads.cli import entry_point
-from heads.schema import DECODE
+from heads.schema import DecodeConfig
 
 
 def _torchrun_rank() -> int | None:
@@ -38,30 +37,34 @@ def _torchrun_rank() -> int | None:
     return dist.get_rank()
 
 
-@entry_point("decode", DECODE)
-def main(cfg: DictConfig) -> None:
+@entry_point("decode", DecodeConfig)
+def main(cfg: DecodeConfig) -> None:
+    from decode.protocol import PipelineError  # torch: imported once the options are checked
+
     rank = None
     try:
         rank = _torchrun_rank()
         if rank:  # a verify stage: serve until rank 0 says stop
             import torch.distributed as dist
 
-            from decode.decoder import padded_rows, resolve_base_model, resolve_device
-            from decode.evaluate import wants_batch_invariant
+            from decode.decoder import resolve_base_model
+            from decode.evaluate import resolve_settings
             from decode.stage import StageSpec, serve_torchrun
             from heads.base import resolve_model_path
-            from heads.hardware import process_threads, resolve_compile, resolve_dtype
+            from heads.hardware import process_threads
 
-            device = resolve_device(cfg.device)
-            cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=True)  # rank 0 resolves it the same way
+            settings = resolve_settings(cfg, quiet=True)  # as rank 0 resolves them
             model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
             threads = process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-            compile, batch_invariant = resolve_compile(cfg.compile, device, quiet=True), wants_batch_invariant(cfg)
-            serve_torchrun(StageSpec(model_path=model_path, dtype=cfg.dtype, device=device, threads=threads,
-                                     worker_timeout_s=3600.0, batch_invariant=batch_invariant, compile=compile,
-                                     rows=padded_rows(compile, batch_invariant, cfg.gamma)))
+            serve_torchrun(StageSpec(model_path=model_path, dtype=settings.dtype, device=settings.device,
+                                     threads=threads, worker_timeout_s=3600.0, batch_invariant=settings.batch_invariant,
+                                     compile=settings.compile, rows=settings.rows))
             dist.destroy_process_group()
             return
+        if cfg.interactive:
+            from decode.chat import chat
+
+            return chat(cfg)
         from hydra.core.hydra_config import HydraConfig
 
         from decode.evaluate import run
@@ -69,6 +72,9 @@ def main(cfg: DictConfig) -> None:
         out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
         show = (lambda text: print(text, end="", flush=True)) if cfg.stream else None
         result = run(cfg, out_dir, print_text=show)
+        from decode.report import methods_table
+
+        print("\n" + methods_table(result) + f"\n(answers and summary.json in {out_dir})\n", flush=True)
         print(json.dumps(result), flush=True)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

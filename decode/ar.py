@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from decode.common import Generation, Timer, choose, make_generator, positions
+from decode.common import GREEDY, Generation, Sampling, Timer, choose, make_generator, positions
 
 
 @torch.inference_mode()
-def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
               stop_ids: set[int] = frozenset()) -> Iterator[int]:
     """Yield each new token as it is computed; return a Generation (stats: token_s = mean decode step)."""
     start = time.perf_counter()
@@ -19,7 +19,7 @@ def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
     model = base.range(0, base.num_layers)
     ids = torch.tensor([prompt_ids], device=base.device)
     hidden = model.forward(base.embed(ids), positions(0, len(prompt_ids), base.device))
-    token, _ = choose(base.logits(hidden[:, -1:])[0, -1], temperature, generator)
+    token, next_ids = _next(base.logits(hidden[:, -1:])[0, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
     tokens, step = [], Timer()
     while True:
@@ -28,12 +28,21 @@ def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, temperature: 
         if token in stop_ids or len(tokens) >= max_new_tokens:
             break
         with step:
-            hidden = model.forward(base.embed(torch.tensor([[token]], device=base.device)),
-                                   positions(model.length, 1, base.device))
-            token, _ = choose(base.logits(hidden)[0, -1], temperature, generator)
+            hidden = model.forward(base.embed(next_ids), positions(model.length, 1, base.device))
+            token, next_ids = _next(base.logits(hidden)[0, -1], sampling, generator)
     return Generation(tokens=tokens, method="ar", wall_time=time.perf_counter() - start,
                       prompt_tokens=len(prompt_ids), accept_lengths=[1] * len(tokens),
                       stats={"prefill_s": prefill_s, "token_s": step.mean, "steps": step.count})
+
+
+def _next(logits: torch.Tensor, sampling: Sampling, generator) -> tuple[int, torch.Tensor]:
+    """The next token, as a host int (the one device-to-host read per token) and as the next step's (1, 1) input.
+    Greedy keeps the argmax on the device, so the next step needs no host-to-device copy."""
+    if sampling.greedy:
+        next_ids = torch.argmax(logits).view(1, 1)
+        return int(next_ids), next_ids
+    token, _ = choose(logits, sampling, generator)
+    return token, torch.tensor([[token]], device=logits.device)
 
 
 def repeatable_step(base, prompt_ids: list[int]) -> Callable[[], int]:

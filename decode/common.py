@@ -1,5 +1,5 @@
-"""What every decoder shares: the result type, token choice and the speculative accept rule, the
-stage-0 draft step, and the oracle-acceptance instrument.
+"""What every decoder shares: the result type, the stage-0 draft step, and the oracle-acceptance instrument.
+Token choice and the speculative accept rule are heads/sampling.py's (`choose`, `verify`), re-exported here.
 
 Greedy decoding is the temperature -> 0 case of sampling: `choose` takes the argmax and `verify`
 accepts a draft iff it equals the model's argmax, so one code path serves both.
@@ -17,7 +17,8 @@ import torch
 
 from decode.measure import acceptance, figures
 from heads.errors import UserError
-from heads.runtime import MAX_COMPILED_POSITIONS
+from heads.batch_invariant import MAX_ROWS
+from heads.sampling import GREEDY, Sampling, choose, make_generator, verify  # noqa: F401 (the loops' sampler)
 
 
 @dataclass
@@ -92,64 +93,6 @@ class OracleDrafts:
         return wrong % self.vocab_size if self.vocab_size else wrong
 
 
-# ---- choosing and verifying tokens --------------------------------------------------------------
-
-def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    # on the CPU: the generators are CPU torch.Generators (reproducible whatever the model's device)
-    return torch.softmax(logits.float().cpu() / temperature, dim=-1)
-
-
-def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
-    """The next token from one position's logits: argmax (temperature 0) or a sample.
-    Returns (token, its distribution q or None when greedy)."""
-    if temperature <= 0:
-        return int(torch.argmax(logits)), None
-    q = probabilities(logits, temperature)
-    if not bool(torch.isfinite(q).all()):  # a head with NaN/Inf weights: a point-mass draft, which the verifier
-        return _point_mass(logits, q)      # judges by the same exact rule (at worst it rejects it)
-    return int(torch.multinomial(q, 1, generator=generator)), q
-
-
-def _point_mass(logits: torch.Tensor, like: torch.Tensor) -> tuple[int, torch.Tensor]:
-    token = int(torch.argmax(torch.nan_to_num(logits.float(), nan=float("-inf"))))
-    q = torch.zeros_like(like)
-    q[token] = 1.0
-    return token, q
-
-
-def verify(logits: torch.Tensor, draft: int, draft_q: torch.Tensor | None, temperature: float,
-           generator: torch.Generator | None) -> tuple[int, bool]:
-    """The model's token at one position given a single draft, and whether the draft was accepted.
-
-    Greedy: accept iff draft == argmax. Sampling: the standard speculative rule (accept with
-    probability min(1, p(d)/q(d)), else sample norm(max(p - q, 0))), whose output is distributed
-    exactly as p whatever q is (Leviathan et al. 2023, Chen et al. 2023).
-    """
-    if temperature <= 0:
-        token = int(torch.argmax(logits))
-        return token, token == draft
-    p = probabilities(logits, temperature)
-    if draft_q is None:  # a draft without a distribution (oracle) is a point mass
-        draft_q = torch.zeros_like(p)
-        draft_q[draft] = 1.0
-    draft_q = draft_q.to(p.device)  # the last stage receives q on its communication device
-    if not bool(torch.isfinite(draft_q).all()):  # never from `choose`; a point mass keeps the rule exact
-        draft_q = torch.zeros_like(p)
-        draft_q[draft] = 1.0
-    ratio = float(p[draft]) / max(float(draft_q[draft]), 1e-30)
-    if float(torch.rand((), generator=generator)) < min(1.0, ratio):
-        return draft, True
-    residual = torch.clamp(p - draft_q, min=0)
-    total = float(residual.sum())
-    if total <= 0:  # p == q: cannot happen after a rejection, but never divide by zero
-        residual, total = p, 1.0
-    return int(torch.multinomial(residual / total, 1, generator=generator)), False
-
-
-def make_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # ---- the stage-0 draft step (shared by eesd and ppsd) -------------------------------------------
 
 def positions(start: int, count: int, device) -> torch.Tensor:
@@ -178,7 +121,7 @@ def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with
     if not (with_logits or head.needs_cache):
         return None  # an MLP head keeps no state between positions
     runtime = lower.runtime
-    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_COMPILED_POSITIONS):  # prefill: eager
+    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_ROWS):  # prefill: eager
         return _head_logits(base, head, hidden, pos, lower.cache, with_logits)
     step = runtime.compiled(("head", id(head), with_logits), functools.partial(_head_logits, base, head,
                                                                                with_logits=with_logits))

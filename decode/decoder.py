@@ -13,6 +13,7 @@ ranks) and reuses them for every request; `close()` (or leaving the `with`) stop
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -28,29 +29,45 @@ from decode.pipeline import Pipeline
 from decode.ppsd import ppsd_decode
 from decode.protocol import PipelineError
 from heads import load_base, load_head
-from heads.base import EMBEDDED_MODELS, resolve_model_path
+from heads.base import DEFAULT_MODEL, EMBEDDED_MODELS, identity_source
 from heads.errors import UserError
-from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates
+from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates, torch_threads
 from heads.head import read_head_config
+from heads.sampling import Sampling
 from heads.schema import METHODS, PLACEMENTS
 
 
 def resolve_base_model(head_path: str | None, model: str | None) -> str:
-    """The base to load: `model` if given, else the head's recorded base_model, mapped to the embedded
-    copy when the hub id is not available offline (e.g. SmolLM2-135M-Instruct -> "smollm2")."""
+    """The base to load: `model` if given, else exactly the base the head records (an embedded copy by its
+    name, a hub id pinned to its commit, a folder); never another one, e.g. the original weights of an
+    embedded quantized copy. A head without that record (older ppsd): a one-line error saying what to pass."""
     if model:
         return model
     if head_path is None:
-        return "smollm2"
-    name = read_head_config(head_path)["base_model"]
-    embedded = next((key for key, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == name), None)
-    if embedded is None:
-        return name
-    try:
-        resolve_model_path(name)
-        return name
-    except UserError:
-        return embedded
+        return DEFAULT_MODEL
+    config = read_head_config(head_path)
+    identity = config.get("base")
+    if identity is None:
+        named = config["base_model"]
+        guess = next((f"model={name} (the embedded {e.quantization} copy)" for name, e in EMBEDDED_MODELS.items()
+                      if e.origin == named), f"model={named}")
+        raise UserError(f"head '{head_path}' does not record the exact base it was trained on (it names {named}; "
+                        f"written by an older ppsd): pass the base it was trained on, e.g. {guess}, or retrain it")
+    if not isinstance(identity.get("id"), str) or not isinstance(identity.get("sha256"), str):
+        raise UserError(f"head '{head_path}': its config.json's base is {json.dumps(identity)[:80]}, not "
+                        "{id, sha256, ...}: the file is damaged; re-export or retrain the head")
+    return identity_source(identity)
+
+
+def check_exact_base(head, base) -> None:
+    """The head's recorded base has the loaded base's weights (sha256), or a one-line error. A head without
+    the record was loaded on the base the caller named (model=): nothing to check."""
+    recorded = head.base_identity
+    if recorded is None or recorded.get("sha256") == base.identity["sha256"]:
+        return
+    raise UserError(f"head trained on {recorded['id']} (sha256 {recorded['sha256'][:12]}) but the base loaded is "
+                    f"{base.identity['id']} (sha256 {base.identity['sha256'][:12]}): decode on the base it was trained "
+                    "on (leave model= unset to load it)")
 
 
 def resolve_device(requested: str | None) -> str:
@@ -86,16 +103,28 @@ def resolve_placement(placement: str, device: str | torch.device, stages: int, t
     return placement
 
 
-def stage_bases(base, layout, placement: str) -> list:
-    """One Base per stage: `base` itself for every stage on one device; with placement=devices stage 0 keeps
-    `base` and stage i > 0 loads only its layers (and, the last, the LM head) on the next GPU."""
-    if placement != "devices" or base.device.type != "cuda":
-        return [base] * len(layout)
-    first = base.device.index or 0
+def stage_devices(device: str | torch.device, stages: int, placement: str) -> list[torch.device]:
+    """Stage i's device: GPU first + i with placement=devices, else `device` for every stage."""
+    device = torch.device(device)
+    if placement != "devices" or device.type != "cuda":
+        return [device] * stages
+    return [torch.device("cuda", (device.index or 0) + i) for i in range(stages)]
+
+
+def stage_bases(base, layout, devices: list[torch.device]) -> list:
+    """One Base per stage: `base` itself for stage 0 and every stage on its device; a stage on another device
+    loads only its layers (and, the last, the final norm and LM head) there, computing as `base` does."""
     dtype = str(base.dtype).removeprefix("torch.")
-    return [base] + [load_base(str(base.folder), dtype=dtype, device=f"cuda:{first + i}", layers=r, embedding=False,
-                               lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
-                     for i, r in enumerate(layout) if i > 0]
+    bases = [base]
+    for i, (layers, device) in enumerate(zip(layout[1:], devices[1:]), start=1):
+        if device == base.device:
+            bases.append(base)
+            continue
+        other = load_base(str(base.folder), dtype=dtype, device=device, layers=layers, embedding=False,
+                          lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
+        other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+        bases.append(other)
+    return bases
 
 
 def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: int = 1) -> dict:
@@ -161,6 +190,7 @@ class Decoder:
         self.base = base
         if method != "ar" and head is None:
             head = load_head(head_path, base)
+            check_exact_base(head, base)
         self.head = head
         self.exit_layer = head.exit_layer if head is not None else exit_layer
         self.stop_ids = base.eos_token_ids
@@ -181,9 +211,8 @@ class Decoder:
                                          batch_invariant=base.batch_invariant, compile=base.runtime.compile,
                                          rows=base.runtime.rows)
             else:
-                bases = stage_bases(base, self.layout, self.placement)
-                for other in bases[1:]:  # the other GPUs' bases compute exactly as this one does
-                    other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+                devices = stage_devices(base.device, len(self.layout), self.placement)
+                bases = stage_bases(base, self.layout, devices)
                 self.local = LocalPipeline(bases, head, [(r.start, r.stop) for r in self.layout], self.placement)
 
     def warm_up(self, prompt_ids: list[int], tokens: int, longest: int = 0, **kwargs) -> None:
@@ -195,62 +224,62 @@ class Decoder:
         if tokens > 0:
             self.generate(prompt_ids, tokens, **kwargs)
         if self.local is not None:  # what one tick costs, each stage alone and together: theory's inputs
-            self.local.measure_ticks(prompt_ids[-64:])
+            with torch_threads(self.threads):  # as the decode loop runs (stream sets the same count)
+                self.local.measure_ticks(prompt_ids[-64:])
 
     @property
     def stages(self) -> int:
         return len(self.layout) if self.layout else 1
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, seed: int = 0,
-               oracle=None, stop_at_eos: bool = True):
-        """Yield new token ids as they are verified; afterwards `self.last_generation` holds the Generation."""
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0, oracle=None, stop_at_eos: bool = True):
+        """Yield new token ids as they are verified; afterwards `self.last_generation` holds the Generation.
+        temperature / top_p / top_k: heads.sampling.Sampling (the same processed distribution in draft and verify)."""
+        sampling = Sampling(temperature, top_p, top_k)
         self.base.check_prompt_length(len(prompt_ids), max_new_tokens)
         if not prompt_ids:
             raise UserError("the prompt is empty: give at least one token")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if oracle is not None and temperature > 0:
+        if oracle is not None and not sampling.greedy:
             raise UserError("oracle drafts are a greedy-decoding instrument: use temperature=0")
         if oracle is not None and self.method == "ar":
             raise UserError("oracle drafts need a drafting method (eesd or ppsd)")
         stop = self.stop_ids if stop_at_eos else frozenset()
-        common = dict(temperature=temperature, seed=seed, stop_ids=stop)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.stage_threads if self.pipeline is not None else self.threads)
-        try:
-            if self.method == "ar":
-                loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
-            elif self.method == "eesd":
-                loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma, oracle=oracle,
-                                   **common)
-            elif self.local is not None:
-                loop = self.local.decode(prompt_ids, max_new_tokens, oracle=oracle, **common)
-            else:
-                if self.pipeline is None or self.pipeline.closed:
-                    raise UserError("this ppsd Decoder is closed: create a new one")
-                loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
-                                   window=self.window, **common)
-            watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
-            start, first_token_s = time.perf_counter(), None
+        common = dict(sampling=sampling, seed=seed, stop_ids=stop)
+        with torch_threads(self.stage_threads if self.pipeline is not None else self.threads):
             try:
-                while True:
-                    token = next(loop)
-                    first_token_s = first_token_s or time.perf_counter() - start
-                    for pipeline in watched:
-                        pipeline.check_alive()
-                    yield token
-            except StopIteration as stop_iteration:
-                self.last_generation = stop_iteration.value
-                self.last_generation.first_token_s = first_token_s
-            finally:
-                loop.close()
-        except PipelineError:
-            for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
-                if pipeline is not None:
-                    pipeline.kill()
-            raise
-        finally:
-            torch.set_num_threads(previous)
+                if self.method == "ar":
+                    loop = ar_decode(self.base, prompt_ids, max_new_tokens, **common)
+                elif self.method == "eesd":
+                    loop = eesd_decode(self.base, self.head, prompt_ids, max_new_tokens, gamma=self.gamma,
+                                       oracle=oracle, **common)
+                elif self.local is not None:
+                    loop = self.local.decode(prompt_ids, max_new_tokens, oracle=oracle, **common)
+                else:
+                    if self.pipeline is None or self.pipeline.closed:
+                        raise UserError("this ppsd Decoder is closed: create a new one")
+                    loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
+                                       window=self.window, **common)
+                watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
+                start, first_token_s = time.perf_counter(), None
+                try:
+                    while True:
+                        token = next(loop)
+                        first_token_s = first_token_s or time.perf_counter() - start
+                        for pipeline in watched:
+                            pipeline.check_alive()
+                        yield token
+                except StopIteration as stop_iteration:
+                    self.last_generation = stop_iteration.value
+                    self.last_generation.first_token_s = first_token_s
+                finally:
+                    loop.close()
+            except PipelineError:
+                for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
+                    if pipeline is not None:
+                        pipeline.kill()
+                raise
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 128, **kwargs) -> Generation:
         for _ in self.stream(prompt_ids, max_new_tokens, **kwargs):

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 
 import torch
 
-from decode.common import Generation, Timer, choose, draft_step, make_generator, positions, verify
+from decode.common import GREEDY, Generation, Sampling, Timer, choose, draft_step, make_generator, positions, verify
 
 
 @torch.inference_mode()
-def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma: int = 4, temperature: float = 0.0,
+def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma: int = 4, sampling: Sampling = GREEDY,
                 seed: int = 0, stop_ids: set[int] = frozenset(), oracle=None) -> Iterator[int]:
     """Yield tokens as each round is verified; return a Generation.
 
@@ -32,14 +32,14 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
 
     hidden, _ = draft_step(base, head, lower, torch.tensor([prompt_ids], device=device), 0, with_logits=False)
     logits = base.logits(upper.forward(hidden, positions(0, n_prompt, device))[:, -1:])[0, -1]
-    token, _ = choose(logits, temperature, verify_rng)
+    token, _ = choose(logits, sampling, verify_rng)
     prefill_s = time.perf_counter() - start
     tokens, accept_lengths = [token], [1]  # the prefill step emits one token
     verified = accepted = 0
     draft_timer, verify_timers = Timer(), defaultdict(Timer)
     yield token
 
-    on_device = temperature <= 0 and oracle is None  # greedy: drafts stay on the device, one host read per round
+    on_device = sampling.greedy and oracle is None  # greedy: drafts stay on the device, one host read per round
     while token not in stop_ids and len(tokens) < max_new_tokens:
         pos = n_prompt + len(tokens) - 1            # position of `token`, the last verified one
         budget = min(gamma, max_new_tokens - len(tokens) - 1)  # a round emits at most budget + 1 tokens
@@ -53,7 +53,7 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
             for j in range(budget):
                 with draft_timer:
                     h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
-                    x, q = choose(draft_logits, temperature, draft_rng)
+                    x, q = choose(draft_logits, sampling, draft_rng)
                     if oracle is not None:
                         x = oracle.draft(pos + j + 1 - n_prompt, x)
                 hiddens.append(h), drafts.append(x), draft_qs.append(q)
@@ -66,13 +66,13 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
                 all_logits = base.logits(hidden)[0]
             new, n_ok = [], 0
             for i in range(k):
-                y, ok = verify(all_logits[i], drafts[i], draft_qs[i], temperature, verify_rng)
+                y, ok = verify(all_logits[i], drafts[i], draft_qs[i], sampling, verify_rng)
                 new.append(y)
                 if not ok:
                     break
                 n_ok += 1
             if n_ok == k and not (k and drafts[-1] in stop_ids):
-                y, _ = choose(all_logits[k], temperature, verify_rng)  # every draft accepted: the bonus token
+                y, _ = choose(all_logits[k], sampling, verify_rng)  # every draft accepted: the bonus token
                 new.append(y)
         verified, accepted = verified + n_ok + (n_ok < k), accepted + n_ok  # drafts after a miss don't count
         keep = pos + n_ok + 1                    # positions [0, keep) hold verified inputs

@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from decode.common import Generation
 from decode.measure import ar_token_s, figures, predict
 from heads.base import parse_dtype
 from heads.errors import UserError
 from heads.files import read_prompts, run_folder, staged_files
+from heads.schema import check_gamma
 
 MIN_FREE_BYTES = 1 << 20  # answer files are small: a folder with less free is all but full
 
 
-def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
-           on_text=None) -> tuple[dict, list[Generation]]:
+def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+           top_k: int = 0, seed: int = 0, on_text=None) -> tuple[dict, list[Generation]]:
     """Every turn of one question, the model's answers fed back; returns (Spec-Bench choice, generations)."""
     base = decoder.base
     messages, generations = [], []
@@ -39,15 +43,14 @@ def answer(decoder, question: dict, max_new_tokens: int, *, temperature: float =
         messages.append({"role": "user", "content": turn})
         prompt_ids = base.encode_chat(messages)
         shown, streamed = "", []
-        for token in (decoder.stream(prompt_ids, max_new_tokens, temperature=temperature, seed=seed)
-                      if on_text else ()):
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        for token in (decoder.stream(prompt_ids, max_new_tokens, **sampling) if on_text else ()):
             streamed.append(token)
             text = base.tokenizer.decode(streamed, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 on_text(text[len(shown):])
                 shown = text
-        gen = decoder.last_generation if on_text else decoder.generate(prompt_ids, max_new_tokens,
-                                                                       temperature=temperature, seed=seed)
+        gen = decoder.last_generation if on_text else decoder.generate(prompt_ids, max_new_tokens, **sampling)
         text = base.tokenizer.decode(gen.tokens, skip_special_tokens=True)
         if on_text:
             on_text(text[len(shown):] + "\n")
@@ -147,7 +150,9 @@ def summarize(gens_by_method: dict[str, list[Generation]], cats_by_method: dict[
                                                         "speedup_vs_ar", "spec_bench_speedup", "new_tokens")}
         result[name] = figs
     fastest = max(result, key=lambda n: result[n]["tokens_per_s"])
-    return {"figures": result, "fastest_method": fastest}
+    # one AR step as timed inside the loop (embedding, layers, LM head, the token read): the loop's ms/token
+    # without prefill against it is the loop's own per-token cost
+    return {"figures": result, "fastest_method": fastest, "ar_step_ms": t_ar * 1e3 if t_ar else None}
 
 
 def round_floats(obj, digits: int = 5):
@@ -168,21 +173,45 @@ def methods_of(cfg) -> list[str]:
     return ["ar"] + [m for m in methods if m != "ar"]
 
 
-def wants_batch_invariant(cfg) -> bool:
+def wants_batch_invariant(cfg, dtype=None) -> bool:
     """`batch_invariant`: true / false, or auto = on when eesd runs below fp32 (its multi-position verify pass
-    would round differently from ar's one-position steps; fp32 matched in every run here)."""
+    would round differently from ar's one-position steps; fp32 matched in every run here). `dtype`: the
+    resolved one (default `cfg.dtype`)."""
     if str(cfg.batch_invariant).lower() != "auto":
         return bool(cfg.batch_invariant)
-    return "eesd" in methods_of(cfg) and parse_dtype(cfg.dtype) != torch.float32
+    return "eesd" in methods_of(cfg) and parse_dtype(dtype or cfg.dtype) != torch.float32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The `auto`s of a decode config that need no model, resolved once per process (every torchrun rank
+    resolves them the same way from the same config)."""
+
+    device: str
+    dtype: str
+    compile: bool
+    batch_invariant: bool
+    rows: int  # the fixed position count of padded compiled steps (0: none)
+
+
+def resolve_settings(cfg, quiet: bool = False) -> Settings:
+    from decode.decoder import padded_rows, resolve_device
+    from heads.hardware import check_device, resolve_compile, resolve_dtype
+
+    device = str(check_device(resolve_device(cfg.device)))
+    dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
+    compile, batch_invariant = resolve_compile(cfg.compile, device, quiet=quiet), wants_batch_invariant(cfg, dtype)
+    if batch_invariant:
+        check_gamma(cfg.gamma)
+    return Settings(device, dtype, compile, batch_invariant, padded_rows(compile, batch_invariant, cfg.gamma))
 
 
 def run(cfg, out_dir: Path, print_text=None) -> dict:
     """Run `cfg.method` and every method in `cfg.compare` (ar always: the baseline) on the same
     questions, interleaved per question so machine noise hits every method alike; write answers and
-    the summary into out_dir; return the summary (the JSON line the entry point prints)."""
-    from heads.schema import DECODE, validate
+    the summary into out_dir; return the summary (the JSON line the entry point prints).
 
-    validate(cfg, DECODE)  # as train() does: a caller from Python gets the command's checks too
+    `cfg`: the checked options (heads.schema.DecodeConfig, what `validate` returns)."""
     if cfg.prompt is not None:
         questions = [{"question_id": 0, "category": "prompt", "turns": [str(cfg.prompt)]}]
     else:
@@ -209,29 +238,72 @@ def check_turn_lengths(base, questions: list[dict], max_new_tokens: int) -> None
                             f"model's context of {base.max_context}: lower max_new_tokens, or leave the question out")
 
 
-def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> dict:
-    from decode.decoder import Decoder, decode_threads, resolve_base_model, resolve_device
-    from heads import load_base
-    from heads.hardware import check_device, resolve_compile, resolve_dtype
+def first_mismatches(methods: list[str], tokens_by_method: dict, question_id) -> list[dict]:
+    """Where each method's turns first differ from ar's."""
+    found = []
+    for m in methods[1:]:
+        for turn, (mine, ref) in enumerate(zip(tokens_by_method[m], tokens_by_method["ar"])):
+            if mine != ref:
+                first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
+                found.append({"method": m, "question_id": question_id, "turn": turn, "first_diff_token": first})
+    return found
 
-    methods = methods_of(cfg)
-    device = str(check_device(resolve_device(cfg.device)))
-    cfg.dtype = resolve_dtype(cfg.dtype, device)
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
-                     batch_invariant=wants_batch_invariant(cfg))
+
+@dataclass
+class Answers:
+    """Every method's generations, categories and answer records, in question order."""
+
+    gens: dict = field(default_factory=lambda: defaultdict(list))
+    categories: dict = field(default_factory=lambda: defaultdict(list))
+    records: dict = field(default_factory=lambda: defaultdict(list))
+    mismatches: list = field(default_factory=list)
+
+
+def answer_all(cfg, decoders: dict, questions: list[dict], output, model_id: str, print_text=None) -> Answers:
+    """Every question through every method in turn, each answer written to its file as it comes."""
+    methods, done = list(decoders), Answers()
+    files = {m: output.open(f"answers_{m}.jsonl") for m in methods}
+    # a bar on a terminal only (disable=None), and none while answers stream to the same terminal
+    progress = tqdm(questions, desc=" + ".join(methods), unit="question", file=sys.stderr, dynamic_ncols=True,
+                    disable=None if print_text is None else True)
+    for question in progress:
+        tokens_by_method = {}
+        for m in methods:
+            show = print_text if (print_text and m == cfg.method) else None
+            choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, on_text=show)
+            record = answer_record(question, choice, model_id, m)
+            done.records[m].append(record)
+            files[m].write(json.dumps(record) + "\n")
+            files[m].flush()
+            done.gens[m] += gens
+            done.categories[m] += [question["category"]] * len(gens)
+            tokens_by_method[m] = [g.tokens for g in gens]
+        done.mismatches += first_mismatches(methods, tokens_by_method, question["question_id"])
+    return done
+
+
+def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> dict:
+    from decode.decoder import Decoder, decode_threads, resolve_base_model
+    from heads import load_base
+
+    settings = resolve_settings(cfg)
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=settings.dtype, device=settings.device,
+                     batch_invariant=settings.batch_invariant)
     first_prompt = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
     check_turn_lengths(base, questions, cfg.max_new_tokens)  # before any model work
     threads = decode_threads(base, first_prompt, cfg.threads, cfg.stage_threads, cfg.stages)
-    cfg.threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
-    print(f"{device}, {cfg.dtype}, {cfg.threads} threads (ar/eesd), {cfg.stage_threads} per ppsd stage"
-          + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""), flush=True)
-    kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=cfg.dtype,
-                  threads=cfg.threads, stage_threads=cfg.stage_threads, window=cfg.window, timeout_s=cfg.timeout_s,
-                  device=device, compile=resolve_compile(cfg.compile, device), placement=cfg.placement)
+    print(f"{settings.device}, {settings.dtype}, {threads['threads']} threads (ar/eesd), {threads['stage_threads']} "
+          f"per ppsd stage" + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""),
+          flush=True)
+    kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=settings.dtype,
+                  threads=threads["threads"], stage_threads=threads["stage_threads"], window=cfg.window,
+                  timeout_s=cfg.timeout_s, device=settings.device, compile=settings.compile,
+                  placement=cfg.placement)
     decoders = {}
     try:
         head = None
-        for m in methods:
+        for m in methods_of(cfg):
             decoders[m] = Decoder(m, cfg.head_path if m != "ar" else None, head=head, **kwargs)
             head = head or decoders[m].head
         pipelines = [d.pipeline for d in decoders.values() if d.pipeline is not None]
@@ -241,58 +313,46 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
             longest = longest_context(base, questions, cfg.max_new_tokens) if base.runtime.static else 0
             for dec in decoders.values():
                 dec.warm_up(first_prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
-                            seed=cfg.seed)
+                            top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
         captured_before = len(base.runtime.captured)
-        model_id = cfg.model_id or Path(base.name).name
-        files = {m: output.open(f"answers_{m}.jsonl") for m in methods}
-        gens_by_method, cats_by_method, records_by_method = defaultdict(list), defaultdict(list), defaultdict(list)
-        mismatches = []
-        for qi, question in enumerate(questions):
-            tokens_by_method = {}
-            for m in methods:
-                show = print_text if (print_text and m == cfg.method) else None
-                choice, gens = answer(decoders[m], question, cfg.max_new_tokens, temperature=cfg.temperature,
-                                      seed=cfg.seed, on_text=show)
-                record = answer_record(question, choice, model_id, m)
-                records_by_method[m].append(record)
-                files[m].write(json.dumps(record) + "\n")
-                files[m].flush()
-                gens_by_method[m] += gens
-                cats_by_method[m] += [question["category"]] * len(gens)
-                tokens_by_method[m] = [g.tokens for g in gens]
-            for m in methods[1:]:
-                for turn, (mine, ref) in enumerate(zip(tokens_by_method[m], tokens_by_method["ar"])):
-                    if mine != ref:
-                        first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), min(len(mine), len(ref)))
-                        mismatches.append({"method": m, "question_id": question["question_id"], "turn": turn,
-                                           "first_diff_token": first})
+        done = answer_all(cfg, decoders, questions, output, cfg.model_id or Path(base.name).name, print_text)
     finally:
         for dec in decoders.values():
             dec.close()
-    summary = summarize(gens_by_method, cats_by_method, cfg.gamma, records_by_method,
-                        speed_py_token_count(base.tokenizer))
+    summary = summarize(done.gens, done.categories, cfg.gamma, done.records, speed_py_token_count(base.tokenizer))
+    run_facts = {"device": settings.device, "dtype": settings.dtype, "threads": threads,
+                 "captures_while_timing": len(base.runtime.captured) - captured_before}
+    return round_floats(_result(cfg, base, decoders, summary, done, run_facts, len(questions), out_dir))
+
+
+def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict, questions: int,
+            out_dir: Path) -> dict:
+    """The JSON line `python -m decode` prints (and summary.json)."""
     figs = summary["figures"]
     main = figs[cfg.method]
-    exit_layer = next((d.exit_layer for d in decoders.values() if d.exit_layer is not None), None)
-    result = {
+    threads = facts["threads"]
+    ticks = main.get("tick_costs")  # ppsd stages driven by this process (decode/local.py)
+    return {
         "method": cfg.method,
         "stages": decoders[cfg.method].stages if cfg.method == "ppsd" else 1,
         "stage_layers": [[r.start, r.stop] for r in decoders["ppsd"].layout] if "ppsd" in decoders else None,
         "placement": decoders["ppsd"].placement if "ppsd" in decoders else None,
-        "exit_layer": exit_layer,
+        "exit_layer": next((d.exit_layer for d in decoders.values() if d.exit_layer is not None), None),
         "model": base.name,
         "head_path": cfg.head_path,
-        "dtype": str(cfg.dtype),
+        "dtype": str(facts["dtype"]),
         "runtime": base.runtime.describe(),
         "capture_s": round(base.runtime.capture_s, 2),
-        "captures_while_timing": len(base.runtime.captured) - captured_before,
-        "device": device,
-        "threads": cfg.threads,
-        "stage_threads": cfg.stage_threads,
+        "captures_while_timing": facts["captures_while_timing"],
+        "device": facts["device"],
+        "threads": threads["threads"],
+        "stage_threads": threads["stage_threads"],
         "threads_measured_ms": threads["measured_ms"] or None,
         "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
         "max_new_tokens": cfg.max_new_tokens,
-        "questions": len(questions),
+        "questions": questions,
         "acceptance_rate": main["acceptance_rate"],
         "mean_accepted_length": main["mean_accepted_length"],
         "tokens_per_s": main["tokens_per_s"],            # every new token / all wall time, prefill included
@@ -303,12 +363,16 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         "predicted_speedup": main["predicted_speedup"],
         "measured_over_predicted": main["measured_over_predicted"],
         # stages driven by one process: a full tick against its stages one after another (1: no overlap, S: all)
-        "stage_overlap": (main.get("tick_costs") or {}).get("overlap"),
-        "lossless": not mismatches if cfg.temperature <= 0 else None,
-        "mismatches": mismatches[:20],
+        "stage_overlap": ticks["overlap"] if ticks else None,
+        "handoff_us": ticks["handoff_s"] * 1e6 if ticks else None,  # one stage-to-stage hand-off, per position
+        "lossless": not done.mismatches if cfg.temperature <= 0 else None,
+        "lossless_by_method": {m: (not any(x["method"] == m for x in done.mismatches)) if cfg.temperature <= 0 else None
+                               for m in decoders if m != "ar"},
+        "mismatches": done.mismatches[:20],
         "fastest_method": summary["fastest_method"],
-        "compare": {m: figs[m] for m in methods if m != cfg.method},
+        "ar_step_ms": summary["ar_step_ms"],
+        "compare": {m: figs[m] for m in decoders if m != cfg.method},
         "figures": figs[cfg.method],
         "out_dir": str(out_dir),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    return round_floats(result)

@@ -5,8 +5,10 @@ of a hidden state: a stage hands its output to the next on the device, ordered b
 The schedule is a clock of ticks. In one tick stage 0 runs the newest position (layers [0, E), the exit head,
 the draft) while stage j runs the position stage j-1 ran in the tick before; the last stage's logits give the
 model's token for the position after the one it ran, which is the verdict on the draft that entered there. The
-host enqueues every stage's work for the tick before it waits on anything, then reads one small tensor, the
-verdict and the next draft together. A rejection crops every stage's cache to the rejected position, and stage
+host enqueues every stage's work for the tick before it waits on anything. With greedy drafts stage 0 feeds
+itself its own draft on the device and the draft rides with the hidden state to the last stage: a tick with a
+verdict ends in one read of one small tensor (the model's token and the draft it judges), a refill tick in none,
+so the host reads once per emitted token. A rejection crops every stage's cache to the rejected position, and stage
 0 restarts from the model's token while the later stages idle until the new positions reach them.
 
 Greedy: accept iff draft == the model's argmax, so the output is AR's token for token (the same layer calls
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from decode.common import Generation, choose, head_logits, make_generator, positions, verify
+from decode.common import GREEDY, Generation, Sampling, choose, head_logits, make_generator, positions, verify
 from heads.runtime import cache_len_for
 
 PLACEMENTS = ("streams", "devices")
@@ -54,6 +56,10 @@ class Stage:
         self.hidden_out = torch.zeros(1, 1, base.hidden_size, dtype=base.dtype, **d)
         self.logits = torch.zeros(base.vocab_size, dtype=torch.float32, **d)  # draft (stage 0) or model logits
         self.choice = torch.zeros(1, dtype=torch.long, **d)                 # their argmax
+        # the draft for the position after the one this stage holds, carried along with its hidden state (stage 0's
+        # argmax), so that the last stage's verdict and the draft it judges are read together
+        self.draft_in = torch.zeros(1, dtype=torch.long, **d)
+        self.draft_out = torch.zeros(1, dtype=torch.long, **d)
         self.done = torch.cuda.Event() if stream is not None else None     # hidden_out written
         self.taken = torch.cuda.Event() if stream is not None else None    # hidden_in copied from the previous stage
 
@@ -92,6 +98,7 @@ class Stage:
         elif self.last:
             self.logits.copy_(self.base.logits(hidden[:, -1:])[0, -1].float())
         self.choice.copy_(torch.argmax(self.logits).view(1))
+        self.draft_out.copy_(self.choice if self.first else self.draft_in)
         self.hidden_out.copy_(hidden[:, -1:])
 
     def _step(self) -> None:
@@ -106,16 +113,20 @@ class Stage:
             self.range._grow(cache_len_for(length))
 
     @torch.inference_mode()
-    def run(self, position: int, previous: "Stage | None" = None, token: int = 0) -> None:
-        """Enqueue this stage's step at `position` on its stream. Its input: the hidden state of `previous` (the
-        stage before, copied on the device) or, for stage 0, `token` (a host value written without a sync)."""
+    def run(self, position: int, previous: "Stage | None" = None, token: int | None = None) -> None:
+        """Enqueue this stage's step at `position` on its stream. Its input: the hidden state (and carried draft) of
+        `previous`, the stage before, copied on the device; or, for stage 0, `token` (a host value, written without
+        a sync) or, when None, its own latest draft (on the device: the host need not know it)."""
         with self.context():
             if previous is not None:
                 if self.stream is not None:
                     self.stream.wait_event(previous.done)
                 self.hidden_in.copy_(previous.hidden_out, non_blocking=True)
+                self.draft_in.copy_(previous.draft_out, non_blocking=True)
                 if self.taken is not None:
                     self.taken.record(self.stream)
+            elif token is None:
+                self.token.copy_(self.choice.view(1, 1))
             else:
                 self.token.fill_(token)
             self.position.fill_(position)
@@ -186,8 +197,8 @@ class LocalPipeline:
     def capture_s(self) -> float:
         return sum(s.capture_s for s in self.stages)
 
-    def _tick(self, work: dict[int, int], token: int) -> None:
-        """Enqueue one tick: `work` maps stage -> position; stage 0's input is `token`.
+    def _tick(self, work: dict[int, int], token: int | None) -> None:
+        """Enqueue one tick: `work` maps stage -> position; stage 0's input is `token` (None: its own draft).
         Later stages first, so each takes its input before the stage before it overwrites it (on a CPU that order
         is the hand-off; on streams an event)."""
         for j in sorted(work, reverse=True):
@@ -196,15 +207,17 @@ class LocalPipeline:
                 stage.release(self.stages[j + 1])
             stage.run(work[j], self.stages[j - 1] if j > 0 else None, token)
 
-    def _read(self) -> tuple[int, int]:
-        """The tick's one device-to-host read: the model's token (last stage) and the next draft (stage 0)."""
+    def _read(self) -> tuple[int, int, int]:
+        """The one device-to-host read of a tick: the model's token (last stage), the draft it judges (carried to
+        the last stage) and stage 0's newest draft."""
         first, last = self.stages[0], self.stages[-1]
         if first.stream is not None:
             current = torch.cuda.current_stream(first.device)
             for stage in self.stages:
                 current.wait_event(stage.done)
-        model_token, draft = torch.cat([last.choice.to(first.device, non_blocking=True), first.choice]).tolist()
-        return model_token, draft
+        verdict = torch.cat([last.choice, last.draft_in]).to(first.device, non_blocking=True)
+        model_token, judged, draft = torch.cat([verdict, first.choice]).tolist()
+        return model_token, judged, draft
 
     def _sync(self) -> None:
         """Stage streams wait for what the current stream enqueued (a prefill, a crop of the caches)."""
@@ -227,7 +240,7 @@ class LocalPipeline:
         self._sync()
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+    def decode(self, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
                stop_ids=frozenset(), oracle=None):
         """Yield tokens as they are verified; return the Generation."""
         start = time.perf_counter()
@@ -238,24 +251,30 @@ class LocalPipeline:
 
         def draft(pos: int, computed: int) -> tuple[int, torch.Tensor | None]:
             """Stage 0's draft for position pos + 1, made from its logits at pos, and its distribution q."""
-            if temperature > 0:
-                return choose(first.logits, temperature, draft_rng)
+            if not sampling.greedy:
+                return choose(first.logits, sampling, draft_rng)
             return (computed if oracle is None else oracle.draft(pos + 1 - n_prompt, computed)), None
 
+        # Greedy with the head's own drafts: stage 0 feeds itself its draft on the device and the draft rides with
+        # the hidden state to the last stage, so a tick without a verdict needs no read at all, and a verdict is
+        # read together with the draft it judges. Sampled or oracle drafts are chosen on the host, every tick.
+        device_drafts = sampling.greedy and oracle is None
         self._prefill(prompt_ids, n_prompt + max_new_tokens + s)
-        model_token, computed = self._read()
+        model_token, _, computed = self._read()
         prefill_s = time.perf_counter() - start
-        entered = {n_prompt: draft(n_prompt - 1, computed)}  # position -> (token stage 0 runs there, its q)
-        verdict_pos = n_prompt - 1  # the position whose logits the last stage holds (None: it did not run)
+        drafts = {n_prompt: draft(n_prompt - 1, computed)}  # host-chosen: position -> (token stage 0 runs there, q)
+        verdict = (n_prompt - 1, model_token, drafts[n_prompt][0])  # (position, model's token after it, draft judged)
+        next_pos, feed = n_prompt, drafts[n_prompt][0]  # stage 0's next position and input (None: its own draft)
         inbox: dict[int, int] = {}  # stage (> 0) -> the position it runs next tick
-        tokens, accept_lengths, run, verified, accepted, ticks, flushes = [], [], 0, 0, 0, 0, 0
+        tokens, accept_lengths, run, verified, accepted, ticks, flushes, reads = [], [], 0, 0, 0, 0, 0, 1
         while True:
-            if verdict_pos is not None:  # the model's token after verdict_pos, the verdict on what entered there
-                drafted, q = entered[verdict_pos + 1]
-                if temperature > 0:
-                    token, ok = verify(last.logits, drafted, q, temperature, verify_rng)
-                else:
+            if verdict is not None:
+                verdict_pos, model_token, judged = verdict
+                drafted, q = (judged, None) if device_drafts else drafts.pop(verdict_pos + 1)
+                if sampling.greedy:
                     token, ok = model_token, model_token == drafted
+                else:
+                    token, ok = verify(last.logits, drafted, q, sampling, verify_rng)
                 tokens.append(token)
                 verified, accepted, run = verified + 1, accepted + ok, run + 1
                 yield token
@@ -265,26 +284,33 @@ class LocalPipeline:
                     accept_lengths.append(run)
                     run, flushes = 0, flushes + 1
                     self._crop(verdict_pos + 1)
-                    inbox, entered = {}, {verdict_pos + 1: (token, None)}
+                    inbox, drafts, next_pos, feed = {}, {}, verdict_pos + 1, token
             work = dict(inbox)
-            pos = max(entered)
-            x = entered[pos][0]
-            if pos <= last_useful and x not in stop_ids:  # else nothing after it could be emitted
-                work[0] = pos
+            if next_pos <= last_useful and (feed is None or feed not in stop_ids):  # else nothing after it is emitted
+                work[0] = next_pos
             if not work:
                 raise RuntimeError("ppsd: no stage has work and no verdict is due (decoder bug)")
-            self._tick(work, x)
+            self._tick(work, feed)
             ticks += 1
-            model_token, computed = self._read()
-            verdict_pos = work.get(s - 1)
+            verdict = None
+            if s - 1 in work or not device_drafts:
+                model_token, judged, computed = self._read()
+                reads += 1
+                if s - 1 in work:
+                    verdict = (work[s - 1], model_token, judged)
             inbox = {j + 1: p for j, p in work.items() if j + 1 < s}
             if 0 in work:
-                entered[pos + 1] = draft(pos, computed)
+                if device_drafts:
+                    feed = None
+                else:
+                    drafts[next_pos + 1] = draft(next_pos, computed)
+                    feed = drafts[next_pos + 1][0]
+                next_pos += 1
         if run:
             accept_lengths.append(run)
         return Generation(tokens=tokens, method="ppsd", wall_time=time.perf_counter() - start, prompt_tokens=n_prompt,
                           drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
-                          stats={"placement": self.placement, "ticks": ticks, "flushes": flushes,
+                          stats={"placement": self.placement, "ticks": ticks, "flushes": flushes, "reads": reads,
                                  "prefill_s": prefill_s, "capture_s": self.capture_s,
                                  "layers": [list(r) for r in self.layout],
                                  "uncaptured": [st.graph_error for st in self.stages if st.graph_error],
@@ -303,7 +329,7 @@ class LocalPipeline:
             for i in range(repeats + 2):  # the first two capture and warm up
                 begin = time.perf_counter()
                 self._tick(work, int(prompt_ids[-1]))
-                self._read()
+                self._read()  # what a verdict tick ends with
                 if i >= 2:
                     times.append(time.perf_counter() - begin)
                 self._crop(n)
@@ -311,6 +337,24 @@ class LocalPipeline:
 
         alone = [timed({j: n}) for j in range(len(self.stages))]
         prefix = [timed({i: n for i in range(j + 1)}) for j in range(len(self.stages))]
-        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1]}
+        self.tick_costs = {"alone_s": alone, "prefix_s": prefix, "overlap": sum(alone) / prefix[-1],
+                           "handoff_s": self._handoff_s(repeats * 10)}
         return self.tick_costs
+
+    def _handoff_s(self, repeats: int) -> float:
+        """One stage-to-stage hand-off alone (wait for the producer's event, copy its output on the device, record
+        `taken`), per position: what the placement adds to every position beyond the stages' compute."""
+        producer, consumer = self.stages[0], self.stages[1]
+        self._sync()
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            with consumer.context():
+                if consumer.stream is not None:
+                    consumer.stream.wait_event(producer.done)
+                consumer.hidden_in.copy_(producer.hidden_out, non_blocking=True)
+                if consumer.taken is not None:
+                    consumer.taken.record(consumer.stream)
+        if consumer.stream is not None:
+            consumer.stream.synchronize()
+        return (time.perf_counter() - begin) / repeats
 

@@ -38,7 +38,9 @@ def acceptance(gens: Sequence[Generation]) -> float | None:
 
 
 def figures(gens: Sequence[Generation]) -> dict:
-    """tokens/s (all new tokens / all wall time), acceptance, mean accepted length over generations."""
+    """tokens/s (all new tokens / all wall time, prefill included), decode_tokens_per_s (the tokens after each
+    answer's first / the time from its first token to its last: prefill excluded; None when a Decoder did not
+    time the first token), acceptance, mean accepted length over generations."""
     tokens = sum(g.new_tokens for g in gens)
     wall = sum(g.wall_time for g in gens)
     lengths = [n for g in gens for n in g.accept_lengths]
@@ -223,7 +225,8 @@ def format_tp_table(rows: Sequence[dict]) -> str:
     lines = []
     for stages, per_alpha in by_stages.items():
         first = next(iter(per_alpha.values()))
-        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}"]
+        rule = "*" if first.get("tp_layer_source") == "1/S rule" else ""  # a layer at 1/S, no measured shard
+        cells = [str(stages), str(first["exit_layer"]), f"{first['t_ar_tp_s'] * 1e3:.3f}{rule}"]
         cells += [f"{per_alpha[a]['ppsd_speedup_vs_tp']:.2f}×" if a in per_alpha else "" for a in alphas]
         lines.append(cells)
     return _markdown(["S", "E", "TP-AR ms"] + [f"α={a:g}" for a in alphas], lines)

@@ -203,10 +203,11 @@ class Pipeline:
         return sorted(times)[rounds // 2] / self.stages
 
     # one request --------------------------------------------------------------------------------
-    def begin(self, temperature: float, seed: int) -> int:
+    def begin(self, sampling, seed: int) -> int:
         self.epoch += 1
         self.link.send_s = 0.0
-        self.link.send(1, Header(BEGIN, epoch=self.epoch, seed=seed, temperature=temperature))
+        self.link.send(1, Header(BEGIN, epoch=self.epoch, seed=seed, temperature=sampling.temperature,
+                                 top_p=sampling.top_p, top_k=sampling.top_k))
         return self.epoch
 
     def send_work(self, epoch: int, pos: int, hidden: torch.Tensor) -> None:

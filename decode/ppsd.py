@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from decode.common import Generation, choose, head_logits, lower_step, make_generator
+from decode.common import GREEDY, Generation, Sampling, choose, head_logits, lower_step, make_generator
 from decode.protocol import NO_DRAFT, StageStats
 
 
@@ -35,7 +35,7 @@ def default_window(pipeline) -> int:
 
 
 @torch.inference_mode()
-def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY,
                 seed: int = 0, stop_ids: set[int] = frozenset(), oracle=None, window: int | None = None) -> Iterator[int]:
     """Yield tokens as they are verified; return a Generation whose stats hold one dict per stage."""
     start = time.perf_counter()
@@ -45,10 +45,10 @@ def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int
     n_prompt = len(prompt_ids)
     last_useful = n_prompt + max_new_tokens - 2  # position p yields generated token p + 1 - n_prompt
     me = StageStats()
-    epoch = pipeline.begin(temperature, seed)
+    epoch = pipeline.begin(sampling, seed)
 
     def draft(hidden, pos_ids) -> tuple[int, torch.Tensor | None]:
-        d, q = choose(head_logits(base, head, lower, hidden, pos_ids), temperature, rng)
+        d, q = choose(head_logits(base, head, lower, hidden, pos_ids), sampling, rng)
         if oracle is not None:
             d = oracle.draft(int(pos_ids[0, -1]) + 1 - n_prompt, d)
         return d, q

@@ -42,7 +42,7 @@ class PipelineError(RuntimeError):
 @dataclass
 class Header:
     """A message's kind and the fields of that kind (the others stay at their defaults). On the wire: one
-    int64 per field, in this order (the temperature as its float64 bits)."""
+    int64 per field, in this order (the float fields as their float64 bits)."""
 
     kind: int
     epoch: int = 0            # WORK, DRAFT, VERDICT, BEGIN, END, DONE, STATS: the request and flush it belongs to
@@ -52,20 +52,25 @@ class Header:
     has_q: bool = False       # DRAFT: the draft distribution q follows (sampling)
     accepted: bool = False    # VERDICT: the draft was accepted
     seed: int = 0             # BEGIN: the request's sampling seed
-    temperature: float = 0.0  # BEGIN: the request's temperature
+    temperature: float = 0.0  # BEGIN: the request's sampling (heads.sampling.Sampling)
+    top_p: float = 1.0
+    top_k: int = 0
     layer_start: int = 0      # LAYOUT: the receiving stage holds layers [layer_start, layer_stop)
     layer_stop: int = 0
 
     def tensor(self, device) -> torch.Tensor:
-        wire = [_float_bits(self.temperature) if f.name == "temperature" else int(getattr(self, f.name))
+        wire = [_float_bits(getattr(self, f.name)) if f.name in FLOAT_FIELDS else int(getattr(self, f.name))
                 for f in fields(self)]
         return torch.tensor(wire, dtype=torch.int64, device=device)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "Header":
         values = dict(zip((f.name for f in fields(cls)), t.tolist()))
-        return cls(**(values | {"has_q": bool(values["has_q"]), "accepted": bool(values["accepted"]),
-                               "temperature": _bits_float(values["temperature"])}))
+        return cls(**(values | {"has_q": bool(values["has_q"]), "accepted": bool(values["accepted"])}
+                      | {name: _bits_float(values[name]) for name in FLOAT_FIELDS}))
+
+
+FLOAT_FIELDS = ("temperature", "top_p")
 
 
 def _float_bits(x: float) -> int:

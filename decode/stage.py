@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from decode.common import make_generator, positions, verify
+from decode.common import GREEDY, Sampling, make_generator, positions, verify
 from decode.protocol import (BEGIN, DONE, DRAFT, END, LAYOUT, PING, PONG, READY, STATS, STOP, VERDICT, WORK, Header,
                              Inbox, Link, Payloads, PipelineError, StageStats)
 
@@ -57,7 +57,7 @@ def serve(rank: int, world: int, spec: StageSpec) -> None:
     work_in = Inbox(link, prev, payloads, threaded)
     drafts_in = None if not last else work_in if prev == 0 else Inbox(link, 0, payloads, threaded)
     link.send(0, Header(READY))
-    epoch, temperature, rng = -1, 0.0, None
+    epoch, sampling, rng = -1, GREEDY, None
     stats, begin_t, flushed_at = StageStats(), 0.0, None
     with torch.inference_mode():
         while True:
@@ -72,7 +72,7 @@ def serve(rank: int, world: int, spec: StageSpec) -> None:
             if h.kind in (BEGIN, END, PING) and not last:
                 link.send(nxt, h)
             if h.kind == BEGIN:
-                epoch, temperature = h.epoch, h.temperature
+                epoch, sampling = h.epoch, Sampling(h.temperature, h.top_p, h.top_k)
                 rng = make_generator(h.seed + 1)
                 stage.reset()
                 stats, begin_t, flushed_at = StageStats(), time.perf_counter(), None
@@ -116,7 +116,7 @@ def serve(rank: int, world: int, spec: StageSpec) -> None:
                 draft, q = next_draft(drafts_in, h)  # sent after h_E: normally here long ago
                 waited = time.perf_counter() - w0
                 stats.blocked_s += waited
-                token, ok = verify(logits, draft, q, temperature, rng)
+                token, ok = verify(logits, draft, q, sampling, rng)
                 c0 += waited
             c1 = time.perf_counter()
             if h.n == 1:

@@ -246,13 +246,25 @@ def ar_time_per_token(layer_s: Sequence[float] | float, num_layers: int, lm_head
     return embed_s + sum(per_layer(layer_s, num_layers)) + lm_head_s
 
 
+def tp_layer_s(layer_s: float, devices: int, allreduce_s: float, shard_s: float | None = None) -> float:
+    """One layer of AR tensor-parallel over `devices`: its S-way shard (heads and MLP split S ways) plus the two
+    all-reduces of its output (attention, MLP). `shard_s`: the shard's measured cost; without it, the 1/S rule
+    (the whole layer's memory-bound cost divided by S), which the host's fixed cost per call makes optimistic
+    (docs/theory.md has the measured shards)."""
+    if devices == 1:
+        return layer_s
+    return (layer_s / devices if shard_s is None else shard_s) + 2 * allreduce_s
+
+
 def tp_ar_time_per_token(layer_s: Sequence[float] | float, num_layers: int, lm_head_s: float, devices: int,
-                         allreduce_s: float, embed_s: float = 0.0) -> float:
-    """AR tensor-parallel over `devices` (the fair baseline for S GPUs): every weight matrix split S ways, so
-    the memory-bound compute divides by S, plus two all-reduces per layer (attention and MLP outputs) and
-    one for the vocab-split LM head, each a latency-bound `allreduce_s`."""
-    compute = ar_time_per_token(layer_s, num_layers, lm_head_s, embed_s) / devices
-    return compute + (2 * num_layers + 1) * allreduce_s if devices > 1 else compute
+                         allreduce_s: float, embed_s: float = 0.0, shard_s: float | None = None) -> float:
+    """AR tensor-parallel over `devices` (the fair baseline for S GPUs): every layer at `tp_layer_s` (its
+    measured shard cost `shard_s`, or the 1/S rule) and the vocab-split LM head at 1/S plus one all-reduce,
+    each all-reduce a latency-bound `allreduce_s`."""
+    if devices == 1:
+        return ar_time_per_token(layer_s, num_layers, lm_head_s, embed_s)
+    layers = sum(tp_layer_s(s, devices, allreduce_s, shard_s) for s in per_layer(layer_s, num_layers))
+    return embed_s / devices + layers + lm_head_s / devices + allreduce_s
 
 
 # --- the prediction table -----------------------------------------------------------------------
@@ -262,7 +274,8 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
                   exit_layers: int | Sequence[int] | Mapping[int, int] | None = None, *,
                   embed_s: float = 0.0, feedback_s: float | None = None, verify_batch_slope: float = 0.0,
                   gammas: Sequence[int] = range(1, 9), window: int | None = None,
-                  allreduce_s: float | None = None, poll: bool = False) -> list[dict]:
+                  allreduce_s: float | None = None, tp_shard_s: Mapping[int, float] | None = None,
+                  poll: bool = False) -> list[dict]:
     """Predicted PPSD and EESD speedups over single-device AR, one row per (stages, α).
 
     exit_layers: one E for all, one per entry of stages_list, {stages: E}, or None (`balanced_exit_layer`).
@@ -273,7 +286,8 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
     positions costs one full-model step scaled by (1 + verify_batch_slope·(k − 1)) (0 = memory-bound:
     k ≤ 9 positions cost what one does, the batch-1 GPU case). Its γ is the best of `gammas` per row.
     allreduce_s: also compare with AR tensor-parallel over the same S devices (`tp_ar_time_per_token`):
-    rows get t_ar_tp_s and ppsd_speedup_vs_tp.
+    rows get t_ar_tp_s, ppsd_speedup_vs_tp and tp_layer_source. tp_shard_s: {S: one layer's S-way shard,
+    measured}; an S without one uses the 1/S rule.
     Each row: stages, exit_layer, alpha, stage_s, tick_s, latency_s, t_ar_s, ppsd_time_s, ppsd_speedup,
     ideal_speedup (N/(αE+(1−α)N)), ceiling (N/E), real_ceiling (T_AR/tick), eesd_gamma, eesd_speedup
     (decode.measure.format_table writes them as a Markdown table).
@@ -312,8 +326,10 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
                 "eesd_gamma": gamma, "eesd_speedup": eesd_speedup(alpha, gamma, draft_s, verify_s, t_ar),
             })
             if allreduce_s is not None:
-                t_tp = tp_ar_time_per_token(layers, num_layers, lm_head_s, stages, allreduce_s, embed_s)
-                rows[-1] |= {"t_ar_tp_s": t_tp, "ppsd_speedup_vs_tp": t_tp / rows[-1]["ppsd_time_s"]}
+                shard_s = (tp_shard_s or {}).get(stages)
+                t_tp = tp_ar_time_per_token(layers, num_layers, lm_head_s, stages, allreduce_s, embed_s, shard_s)
+                rows[-1] |= {"t_ar_tp_s": t_tp, "ppsd_speedup_vs_tp": t_tp / rows[-1]["ppsd_time_s"],
+                             "tp_layer_source": "1/S rule" if shard_s is None else "measured shard"}
     return rows
 
 

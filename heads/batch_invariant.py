@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 4
+# The most positions a decode step runs: row-wise here, compiled in heads/runtime.py. EESD's verify pass is
+# gamma + 1 positions, so gamma + 1 <= MAX_ROWS where it must stay lossless (heads/schema.py, decode/evaluate.py).
 MAX_ROWS = 16
 ATTENTION = "ppsd_rowwise_sdpa"
 

@@ -3,7 +3,8 @@ sees one line, never a secret.
 
 - Hydra's own errors (an unknown group choice such as `head=foo`, an unknown key, a malformed override)
   become `error: ...` and exit 2 instead of Hydra's multi-line message and exit 1.
-- The config is validated against the command's schema (heads/schema.py) before the command starts.
+- The config is checked against the command's typed options (heads/schema.py, heads/config.py) before the command starts,
+  and the command receives the checked options (not the raw DictConfig): nothing validates twice.
 - An unexpected exception is printed with secrets (Hub tokens) scrubbed, never with Hydra's
   "Error executing job with overrides: [...]" banner, which would echo a `token=` override.
 - Ctrl-C ends with one line (the command's own `finally` blocks stop any processes it started); so does
@@ -11,20 +12,23 @@ sees one line, never a secret.
 - An unknown flag (`--bogus`) is one line and exit 2, not Hydra's usage; `token=` is refused beside the flags
   that make Hydra write or print the config (`-m` writes multirun.yaml, `--cfg` prints it): secrets stay in memory.
 - A full disk met anywhere is one line.
+- `--help` lists the command's own options, one line each (heads/help.py).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 from heads.errors import UserError
 from heads.files import is_disk_full
-from heads.schema import Spec, validate
+from heads.config import Options, validate
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 TERMINATED = 143   # ... and by SIGTERM
@@ -63,6 +67,16 @@ class Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def config_dir() -> Path:
+    """Hydra's configs: installed with the package as heads/conf (pyproject's package data), or conf/ beside the
+    packages in a source checkout."""
+    package = Path(str(importlib.resources.files("heads")))
+    for folder in (package / "conf", package.parent / "conf"):
+        if (folder / "train.yaml").is_file():
+            return folder
+    raise UserError(f"no configs in {package / 'conf'} nor {package.parent / 'conf'}: reinstall ppsd (pip install .)")
 
 
 def check_command_line(argv: list[str], config_name: str) -> None:
@@ -104,8 +118,9 @@ def _hydra_message(e: Exception, config_name: str) -> str:
     return first
 
 
-def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = False, sigterm: bool = False):
-    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it.
+def entry_point(config_name: str, options: type[Options] | None, *, one_line_errors: bool = False, sigterm: bool = False):
+    """Decorate a command's `main(cfg)`: `hydra.main` with validation and one-line errors around it; `main`
+    receives the checked `options` (or the DictConfig where `options` is None).
 
     one_line_errors: print any failure as one line (export: nothing it can fail on needs a traceback, and a
     traceback might show the token passed to the Hub client).
@@ -118,9 +133,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
         @functools.wraps(task)  # Hydra finds the config folder and job name from the wrapped function
         def job(cfg):
             try:
-                if spec is not None:
-                    validate(cfg, spec)
-                task(cfg)
+                task(cfg if options is None else validate(cfg, options))
             except UserError as e:
                 fail(str(e), 2, cfg)
             except KeyboardInterrupt:
@@ -137,7 +150,7 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
                 sys.stderr.write(scrub(traceback.format_exc(), cfg))
                 sys.exit(1)
 
-        run_hydra = hydra.main(version_base="1.3", config_path="../conf", config_name=config_name)(job)
+        run_hydra = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
 
         @functools.wraps(task)
         def main():
@@ -145,6 +158,16 @@ def entry_point(config_name: str, spec: Spec | None, *, one_line_errors: bool = 
             os.environ["HYDRA_FULL_ERROR"] = "1"
             if sigterm:
                 signal.signal(signal.SIGTERM, _terminate)
+            if {"-h", "--help"} & set(sys.argv[1:]):  # this command's options, not Hydra's app-wide help
+                from heads.help import command_help
+
+                spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as -m: the module, not "__main__"
+                module = spec.name if spec is not None else task.__module__
+                try:
+                    print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"), flush=True)
+                except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(0)
             try:
                 check_command_line(sys.argv[1:], config_name)
                 run_hydra()

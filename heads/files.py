@@ -234,6 +234,16 @@ def run_folder(folder: Path | str, command: str, *, key: str = "out_dir", need_b
 # ---------------------------------------------------------------- prompts
 
 
+def prompt_turns(row, where: str) -> list[str]:
+    """A prompt row's `turns` (one string, or a list of them) as a list; a one-line error naming `where` else."""
+    turns = row.get("turns") if isinstance(row, dict) else None
+    if isinstance(turns, str):
+        turns = [turns]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise UserError(f"{where} needs 'turns': a non-empty list of non-empty strings (Spec-Bench format)")
+    return turns
+
+
 def read_prompts(path: Path | str, limit: int | None = None) -> list[dict]:
     """A Spec-Bench-format JSONL -> [{question_id, category, turns}], with a one-line error naming the
     file and line for anything else. `turns` may be one string; `id` is accepted for `question_id`."""
@@ -249,11 +259,7 @@ def read_prompts(path: Path | str, limit: int | None = None) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number} is not valid JSON ({e.msg}): one object per line") from None
-        turns = row.get("turns") if isinstance(row, dict) else None
-        if isinstance(turns, str):
-            turns = [turns]
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise UserError(f"{path}:{number} needs 'turns': a non-empty list of non-empty strings (Spec-Bench format)")
+        turns = prompt_turns(row, f"{path}:{number}")
         questions.append({"question_id": row.get("question_id", row.get("id", number)),
                           "category": row.get("category", "default"), "turns": turns})
         if limit is not None and len(questions) >= limit:

@@ -11,6 +11,7 @@ resolves before it loads a model, each printed once and recorded in its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -76,12 +77,21 @@ def _cpu_flags() -> set[str] | None:
     return set(line.split(":", 1)[1].split()) if line else None
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count is `n` inside the block and what it was after it (an exception included)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _bf16_gemm_speedup(rows: int = 128, k: int = 576, n: int = 1536, reps: int = 5) -> float:
     """fp32 time / bf16 time of a decode-sized GEMM on one thread (> 1: bf16 is faster)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = {}
+    times = {}
+    with torch_threads(1):
         for dtype in (torch.float32, torch.bfloat16):
             a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             a @ b
@@ -89,9 +99,7 @@ def _bf16_gemm_speedup(rows: int = 128, k: int = 576, n: int = 1536, reps: int =
             for _ in range(reps):
                 a @ b
             times[dtype] = time.perf_counter() - start
-        return times[torch.float32] / times[torch.bfloat16]
-    finally:
-        torch.set_num_threads(previous)
+    return times[torch.float32] / times[torch.bfloat16]
 
 
 @functools.cache
@@ -166,20 +174,16 @@ def thread_candidates(limit: int | None = None) -> list[int]:
 def fastest_threads(step: Callable[[], object], candidates: list[int], repeats: int = 6) -> tuple[int, dict[int, float]]:
     """Time `step` (a representative unit of work, e.g. one decode step) under each thread count; the fastest
     (best of `repeats` runs, after one warm-up) and every median measured, in seconds."""
-    previous = torch.get_num_threads()
     timings = {}
-    try:
-        for n in candidates:
-            torch.set_num_threads(n)
+    for n in candidates:
+        with torch_threads(n):
             step()
             runs = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 step()
                 runs.append(time.perf_counter() - start)
-            timings[n] = sorted(runs)[len(runs) // 2]
-    finally:
-        torch.set_num_threads(previous)
+        timings[n] = sorted(runs)[len(runs) // 2]
     return min(timings, key=timings.get), timings
 
 

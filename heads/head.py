@@ -58,7 +58,6 @@ class ResidualMLP(nn.Module):
 class ExitHead(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="ppsd",
     tags=["ppsd", "early-exit", "self-speculative-decoding"],
 ):
     """An exit head; its constructor arguments are its config.json."""
@@ -73,6 +72,7 @@ class ExitHead(
         mlp_layers: int = 1,
         base_revision: str | None = None,
         metadata: dict | None = None,
+        base: dict | None = None,
     ):
         super().__init__()
         if head_type not in HEAD_TYPES:
@@ -84,6 +84,7 @@ class ExitHead(
         self.head_type = head_type
         self.exit_layer = exit_layer
         self.base_model = base_model
+        self.base_identity = base  # the exact base trained on (heads.base.base_identity); None in older heads
         self.num_base_layers = num_layers
         self.hidden_size = config.hidden_size
         self.vocab_size = config.vocab_size
@@ -131,7 +132,7 @@ def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0, mlp_l
     """A fresh head for `base`; a transformer head starts as a copy of the base's layer `exit_layer`."""
     head = ExitHead(head_type=head_type, exit_layer=exit_layer, base_model=base.name,
                     base_config=base.config.to_diff_dict() | {"model_type": base.config.model_type},
-                    mlp_hidden=mlp_hidden, mlp_layers=mlp_layers)
+                    mlp_hidden=mlp_hidden, mlp_layers=mlp_layers, base=base.identity)
     head = head.to(device=base.device, dtype=base.dtype)
     if head_type == "transformer":
         head.layer.load_state_dict(base.decoder.layers[exit_layer].state_dict())
@@ -156,7 +157,8 @@ def _head_folder(path_or_id: str) -> Path:
 # config.json's keys (ExitHead's arguments) and their JSON types. A head folder is untrusted input: anything
 # else is a one-line error naming the file, except keys a newer ppsd added, which are dropped with a warning.
 HEAD_CONFIG_TYPES = {"head_type": str, "exit_layer": int, "base_model": str, "base_config": dict,
-                     "mlp_hidden": int, "mlp_layers": int, "base_revision": (str, type(None)), "metadata": (dict, type(None))}
+                     "mlp_hidden": int, "mlp_layers": int, "base_revision": (str, type(None)), "metadata": (dict, type(None)),
+                     "base": (dict, type(None))}
 HEAD_CONFIG_REQUIRED = ("head_type", "exit_layer", "base_model", "base_config")
 
 

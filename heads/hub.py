@@ -28,6 +28,8 @@ HEAD_FILES = ("config.json", "model.safetensors")
 EXPORT_MARKER = ".ppsd-export"  # in a folder export wrote: the only kind of folder overwrite=true replaces
 EXPORTED_FILES = {*HEAD_FILES, "README.md", EXPORT_MARKER}
 TAGS = ["ppsd", "early-exit", "self-speculative-decoding", "speculative-decoding"]
+LICENSE = "apache-2.0"  # the project's (pyproject.toml); the card also names the base, whose license applies to it
+INSTALL = "git clone <the ppsd repository> ppsd && cd ppsd && bash scripts/setup.sh   # installs into ./.venv"
 
 # The fields of a measurement that the card shows and config.json keeps (anything else is dropped).
 MEASURED_FIELDS = ("method", "stages", "gamma", "speedup_vs_ar", "acceptance_rate", "tokens_per_s",
@@ -107,11 +109,26 @@ def _find(metadata: dict, *names: str):
     return None
 
 
-def _load_name(base_model: str) -> str:
-    """What to pass to load_base: the embedded copy's name when the base is one (works offline)."""
-    from heads.base import EMBEDDED_MODELS
+def _load_name(exact: dict, base_model: str) -> str:
+    """What to pass to load_base: exactly the recorded base (the embedded copy's name when it is one)."""
+    from heads.base import EMBEDDED_MODELS, identity_source
 
-    return next((name for name, (_, _, hub_id) in EMBEDDED_MODELS.items() if hub_id == base_model), base_model)
+    if exact.get("id"):
+        return identity_source(exact)
+    return next((name for name, e in EMBEDDED_MODELS.items() if e.origin == base_model), base_model)
+
+
+def _exact(exact: dict) -> str:
+    """The recorded base in words: an embedded copy says it is a dequantized gguf of `quantization`."""
+    if not exact.get("id"):
+        return "not recorded (a head from an older ppsd: pass model= to decode)"
+    text = f"`{exact['id']}`, sha256 `{exact['sha256']}`"
+    if exact.get("quantization"):
+        text += f" (a {exact['quantization']} gguf, 4-bit weights dequantized to fp32 when loaded)" \
+            if exact["quantization"].startswith("Q4") else f" (a {exact['quantization']} gguf)"
+    if exact.get("revision"):
+        text += f", revision `{exact['revision']}`"
+    return text
 
 
 def model_card(config: dict, repo_id: str | None = None) -> str:
@@ -123,14 +140,18 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
     revision = config.get("base_revision")
     where = repo_id or "path/to/this/folder"
     is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None and not Path(base_model).exists()
-    card_data = ModelCardData(library_name="ppsd", tags=TAGS + [config["head_type"]],
+    # No library_name: "ppsd" on PyPI is an unrelated package, and the Hub would link this card to it.
+    card_data = ModelCardData(license=LICENSE, tags=TAGS + [config["head_type"]],
                               base_model=base_model if is_hub_id else None)
+    exact = config.get("base") or {}
 
     heldout = metadata.get("heldout") if isinstance(metadata.get("heldout"), dict) else {}
     top1 = heldout.get("top1", _find(metadata, "heldout_top1"))
     expected = heldout.get("expected_acceptance", _find(metadata, "heldout_expected_acceptance"))
     facts = [
-        ("Base model", f"`{base_model}`" + (f" (revision `{revision}`)" if revision else "")),
+        ("Base model", f"`{base_model}`" + (f" (revision `{revision}`)" if revision else "")
+         + (f", as its {exact['quantization']} copy below, not the original weights" if exact.get("quantization") else "")),
+        ("Exact base (trained on, and the only one decode loads)", _exact(exact)),
         ("Exit layer", f"{config['exit_layer']} of {num_layers} (the head reads the hidden state after layers [0, {config['exit_layer']}))"),
         ("Head type", config["head_type"] + (f" (hidden {config['mlp_hidden']})" if config["head_type"] == "mlp" and config.get("mlp_hidden") else "")),
         ("Held-out top-1 agreement with the full model", _fmt(top1) if top1 is not None else "not recorded"),
@@ -146,7 +167,8 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
             ("Measured speedup over autoregressive decoding",
              f"{measured['speedup_vs_ar']:.2f}× ({how})" if "speedup_vs_ar" in measured else "not recorded"),
             ("Measured acceptance rate", _fmt(measured.get("acceptance_rate", "not recorded"))),
-            ("Measured on", measured.get("hardware", "unknown hardware")),
+            ("Measured on", f"{measured.get('hardware', 'machine not recorded')}, "
+                            f"{measured.get('measured_at', 'date not recorded')}"),
         ]
         if measured.get("prompts"):
             facts.append(("Prompts", f"{measured['prompts']} (limit {measured.get('limit')}, "
@@ -154,7 +176,8 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
     else:
         facts.append(("Measured speedup", "not measured yet (export with results=<decode or sweep result JSON>)"))
 
-    lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`", "",
+    copy = f" ({exact['quantization']} copy)" if exact.get("quantization") else ""
+    lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`{copy}", "",
              "An early-exit draft head for lossless self-speculative decoding with "
              "ppsd, a Python toolkit for Pipeline-Parallel Self-Speculative Decoding ([arXiv 2509.19368](https://arxiv.org/abs/2509.19368)). "
              "It predicts the base model's next token from an intermediate layer; the decoders check every draft "
@@ -171,14 +194,23 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
     if measured:
         lines += ["", "## Measurement", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in measured.items()]
-    lines += ["", "## How to use", "", "```python",
+    lines += ["", "## How to use", "", "Install ppsd (Python 3.10+; CPU torch, or a CUDA build installed first):", "",
+              "```bash", INSTALL, "```", "",
+              "Text in, text out (greedy output is identical to the base model's own decoding; ppsd starts its "
+              "stages as processes, hence the `__main__` guard):", "",
+              "```python",
+              "from decode import TextDecoder", "",
+              'if __name__ == "__main__":',
+              f'    with TextDecoder.from_pretrained("{where}", method="{measured.get("method") or "ppsd"}") as dec:',
+              '        print(dec.generate("Explain speculative decoding in two sentences."))',
+              "```", "", "The head and its base alone:", "", "```python",
               "from heads import load_base, load_head", "",
-              f'base = load_base("{_load_name(base_model)}")',
+              f'base = load_base("{_load_name(exact, base_model)}")',
               f'head = load_head("{where}", base)  # a hub id or a local folder',
-              "```", "", "Decode with it (outputs identical to the base model's greedy decoding):", "",
+              "```", "", "Measure it against plain decoding on your machine:", "",
               "```bash",
               f"python -m decode method=ppsd stages={measured.get('stages') or 2} head_path={where} "
-              f"prompts=prompts.jsonl compare=[ar,eesd]   # the base comes from the head's config",
+              f"prompts=decode/prompts/default.jsonl compare=[ar,eesd]   # the base comes from the head's config",
               "```", ""]
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return str(ModelCard(content))

@@ -18,31 +18,28 @@ One `LayerRange` per (start, end) is live at a time: making a new one resets the
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import Cache
 
-# Decode steps of at most this many positions run compiled; longer ones run eager.
-MAX_COMPILED_POSITIONS = 16
+from heads.compat import configure_compiler, guard_filter, mark_static, mode_options, static_layer_supported
+
+from heads.batch_invariant import MAX_ROWS  # decode steps of at most this many positions run compiled, longer ones eager
+from heads.hardware import torch_threads
+
 MIN_CACHE_LEN = 256
 
 
-@contextlib.contextmanager
 def one_thread():
     """Run a CPU prefill on one thread. oneDNN picks its bf16 GEMM kernel by thread count for long inputs (a
     770-row gate projection rounds differently on 1 and 2 threads; a decode step's few rows do not), and the
     methods compared run with different counts (AR on every core, each PPSD stage on its share): one count for
     every prefill keeps their caches, and so their greedy tokens, bit-identical."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(1)
 
 
 def cache_len_for(length: int) -> int:
@@ -52,22 +49,18 @@ def cache_len_for(length: int) -> int:
 
 def compile_step(fn, mode: str | None, cpu: bool = False):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
-    a step's host time); a base's weights never change, so only the arguments are guarded. On a CPU inductor's
-    own kernels (norms, rope, activations: a decode step's few rows) run on one thread, so their bits cannot
-    depend on a process's thread count (AR and the PPSD stages run with different counts). A precaution: the
-    divergence actually measured came from the prefill's GEMMs (`one_thread`); GEMMs and attention here are
-    library calls that still use every thread."""
+    a step's host time); a base's weights never change, so only the arguments are guarded (where torch can
+    filter guards). On a CPU inductor's own kernels (norms, rope, activations: a decode step's few rows) run on
+    one thread, so their bits cannot depend on a process's thread count (AR and the PPSD stages run with
+    different counts). A precaution: the divergence actually measured came from the prefill's GEMMs
+    (`one_thread`); GEMMs and attention here are library calls that still use every thread."""
+    configure_compiler()
     # torch.compile refuses `mode` and `options` together: a mode is its inductor options, folded in here
-    options = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    options = mode_options(mode)
+    if guard_filter() is not None:
+        options["guard_filter_fn"] = guard_filter()
     if cpu:
         options["cpp.threads"] = 1
-    # One graph per (layer range, positions, cache length): EESD alone needs γ + 2 of them; past dynamo's
-    # default limit of 8 it would fall back to eager without a word.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # Fused kernels would keep bf16 intermediates in fp32, so a graph cut at another layer (a PPSD stage
-    # boundary, EESD's exit layer) would round differently from AR's whole-range graph: round as eager does.
-    torch._inductor.config.emulate_precision_casts = True
     return torch.compile(fn, dynamic=False, options=options)
 
 
@@ -89,6 +82,12 @@ class RuntimeSettings:
             return f"compiled static, steps padded to {self.rows} positions" if self.rows else "compiled static"
         return "static" if self.static else "eager"
 
+    @functools.cached_property
+    def cuda_graphs(self) -> bool:
+        """The compile mode replays CUDA graphs (reduce-overhead, max-autotune), whose outputs the next replay
+        overwrites."""
+        return bool(self.compile_mode and mode_options(self.compile_mode).get("triton.cudagraphs"))
+
     def compiled(self, name, fn):
         """`fn` compiled for fixed shapes, once per name for this runtime."""
         if name not in self.functions:
@@ -101,7 +100,7 @@ class RuntimeSettings:
         first = key not in self.captured
         begin = time.perf_counter()
         out = fn(*args, **kwargs)
-        if self.compile_mode == "reduce-overhead" and out is not None:
+        if self.cuda_graphs and out is not None:
             out = out.clone()  # a CUDA graph's output is overwritten by its next replay; callers keep some (EESD)
         if first:
             if out is not None and out.device.type == "cuda":
@@ -113,7 +112,11 @@ class RuntimeSettings:
 
 def supports_static(config) -> tuple[bool, str]:
     """Whether this base can run on static caches: every attention layer must be full attention (a sliding
-    window cache is a ring buffer a rollback cannot move back)."""
+    window cache is a ring buffer a rollback cannot move back) and transformers' static layers must keep their
+    length in a tensor."""
+    ok, why = static_layer_supported()
+    if not ok:
+        return False, why
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
         return False, f"{config.model_type} uses sliding-window attention"
@@ -127,6 +130,8 @@ class StaticKV(Cache):
     on first use with the batch, heads, dtype and device of what is written."""
 
     def __init__(self, num_layers: int, max_len: int):
+        from transformers.cache_utils import StaticLayer  # present where static_layer_supported() says so
+
         super().__init__(layers=[StaticLayer(max_cache_len=max_len) for _ in range(num_layers + 1)])
         self.max_len = max_len
 
@@ -137,6 +142,37 @@ class StaticKV(Cache):
             layer = self.layers[i]
             if layer.is_initialized:
                 layer.cumulative_length.fill_(length)  # in place: a compiled graph holds this tensor's address
+
+
+class SlotKV(StaticKV):
+    """A static cache whose rows are independent sequences (continuous batching): row b writes its next
+    positions at its own columns `columns[b]`, so a finished row is refilled with a new prompt (copied into
+    columns [0, length)) while the others go on, and every step keeps one shape. A query sees its row's
+    columns up to its own (the caller's mask); columns past it hold stale values no query sees."""
+
+    def __init__(self, num_layers: int, max_len: int, rows: int, device):
+        super().__init__(num_layers, max_len)
+        self.columns = torch.zeros(rows, 1, dtype=torch.long, device=device)  # in place: a graph holds its address
+        self.row_index = torch.arange(rows, device=device)[:, None]
+        mark_static(self.columns)
+        mark_static(self.row_index)
+
+    def allocate(self, heads: int, head_dim: int, dtype, device) -> None:
+        """Every layer's buffers, before a prefill is copied in."""
+        example = torch.zeros(len(self.columns), heads, 1, head_dim, dtype=dtype, device=device)
+        for layer in self.layers[:-1]:
+            if not layer.is_initialized:
+                layer.lazy_initialization(example, example)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        # (B, H, T, D) written at (row b, column columns[b] + t): advanced indices first, so (B, T, H, D)
+        columns = self.columns + torch.arange(key_states.shape[2], device=self.columns.device)
+        layer.keys[self.row_index, :, columns] = key_states.transpose(1, 2)
+        layer.values[self.row_index, :, columns] = value_states.transpose(1, 2)
+        return layer.keys, layer.values
 
 
 def static_mask(position_ids: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -157,7 +193,7 @@ class LayerRange:
     @torch.inference_mode()  # one grad mode for every call: a compiled graph is captured for one
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
-        if hidden.shape[1] > MAX_COMPILED_POSITIONS and hidden.device.type == "cpu":
+        if hidden.shape[1] > MAX_ROWS and hidden.device.type == "cpu":
             with one_thread():  # a prefill: the same bits in every process, whatever its thread count
                 return self._forward(hidden, position_ids)
         return self._forward(hidden, position_ids)
@@ -170,7 +206,7 @@ class LayerRange:
             rows = self.runtime.rows
             # A prefill (the first call after a reset) runs eager whatever its length: every method and stage then
             # prefills alike, and a cache is first filled outside a graph (transformers' advice for CUDA graphs).
-            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_COMPILED_POSITIONS)
+            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_ROWS)
             if self.length + max(count, rows if compiled else 0) > self.cache.max_len:
                 self._grow(self.length + max(count, rows))
             if compiled:

@@ -9,14 +9,17 @@ mode=all      measure + oracle.
 mode=theory   no model: the S = 2..8 prediction table for the per-layer costs in conf (a 7B-class GPU).
 mode=runtime  the decode runtime against the memory-bandwidth bound and HF generate (scripts/runtime_bench.py).
 
-Timings are ratios taken in one invocation; the last printed line is one JSON object.
+Timings are ratios taken in one invocation; a progress bar counts the timed runs, `plot` draws measured against
+predicted speedup (measure, oracle), and the last printed line is one JSON object.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -26,8 +29,8 @@ from decode.measure import (MS, TimedRun, eesd_costs, format_table, format_tp_ta
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
-from heads.hardware import resolve_compile
-from heads.schema import BENCHMARK
+from heads.hardware import resolve_compile, torch_threads
+from heads.schema import BenchmarkConfig
 
 
 # --- theory ----------------------------------------------------------------------------------------
@@ -42,11 +45,13 @@ def theory_table(t: DictConfig) -> tuple[list[dict], str]:
         alphas=list(t.alphas), stages_list=list(t.stages), exit_layers=exit_layers, embed_s=t.embed_ms * MS,
         feedback_s=None if t.feedback_ms is None else t.feedback_ms * MS, verify_batch_slope=t.verify_batch_slope,
         allreduce_s=None if t.allreduce_ms is None else t.allreduce_ms * MS,
+        tp_shard_s={int(k): v * MS for k, v in (t.get("tp_shard_ms") or {}).items()},
     )
     table = format_table(rows)
     if t.allreduce_ms is not None:
         table += ("\n\nPPSD over AR tensor-parallel on the same S devices "
-                  f"(two {t.allreduce_ms} ms all-reduces per layer):\n\n" + format_tp_table(rows))
+                  f"(two {t.allreduce_ms} ms all-reduces per layer; * = a layer at 1/S, no measured shard):\n\n"
+                  + format_tp_table(rows))
     return rows, table
 
 
@@ -83,38 +88,61 @@ def stage_costs_alone(base, head, layout: list[range], prompt_ids: list[list[int
 
     from decode.common import draft_step, positions
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     totals, count = [0.0] * len(layout), 0
-    try:
-        with torch.inference_mode():
-            for ids, reference in zip(prompt_ids, references):
-                lower = base.range(0, layout[0].stop)
-                uppers = [base.range(r.start, r.stop) for r in layout[1:]]
-                hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
-                for r in uppers:
-                    hidden = r.forward(hidden, positions(0, len(ids), base.device))
-                pos = len(ids)
-                for token in reference[:-1]:
+    with torch_threads(threads), torch.inference_mode():
+        for ids, reference in zip(prompt_ids, references):
+            lower = base.range(0, layout[0].stop)
+            uppers = [base.range(r.start, r.stop) for r in layout[1:]]
+            hidden, _ = draft_step(base, head, lower, torch.tensor([ids], device=base.device), 0, with_logits=False)
+            for r in uppers:
+                hidden = r.forward(hidden, positions(0, len(ids), base.device))
+            pos = len(ids)
+            for token in reference[:-1]:
+                t0 = time.perf_counter()
+                hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
+                int(torch.argmax(logits))
+                times = [time.perf_counter() - t0]
+                for i, r in enumerate(uppers):
                     t0 = time.perf_counter()
-                    hidden, logits = draft_step(base, head, lower, torch.tensor([[token]], device=base.device), pos)
-                    int(torch.argmax(logits))
-                    times = [time.perf_counter() - t0]
-                    for i, r in enumerate(uppers):
-                        t0 = time.perf_counter()
-                        hidden = r.forward(hidden, positions(pos, 1, base.device))
-                        if i == len(uppers) - 1:
-                            int(torch.argmax(base.logits(hidden)[0, -1]))
-                        times.append(time.perf_counter() - t0)
-                    totals = [a + b for a, b in zip(totals, times)]
-                    count += 1
-                    pos += 1
-    finally:
-        torch.set_num_threads(previous)
+                    hidden = r.forward(hidden, positions(pos, 1, base.device))
+                    if i == len(uppers) - 1:
+                        int(torch.argmax(base.logits(hidden)[0, -1]))
+                    times.append(time.perf_counter() - t0)
+                totals = [a + b for a, b in zip(totals, times)]
+                count += 1
+                pos += 1
     return [t / max(count, 1) for t in totals]
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
+
+class Progress:
+    """One bar over the benchmark's timed runs (a terminal only: disable=None), each named as it starts."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def timed_run(self, decoder, name: str, *args, **kwargs) -> TimedRun:
+        self.bar.set_description(name)
+        run = timed_run(decoder, name, *args, **kwargs)
+        self.bar.update(1)
+        return run
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def planned_runs(cfg: DictConfig) -> int:
+    """How many timed runs run_benchmark makes: ar on its threads and on one, then per mode."""
+    runs = 2
+    if cfg.mode in ("measure", "all"):
+        runs += len(cfg.gammas) + 1
+    if cfg.mode in ("oracle", "all"):
+        runs += 2 * len(cfg.alphas) + (len(cfg.gammas) if cfg.mode == "oracle" else 0)
+    return runs
+
 
 def load_model(cfg: DictConfig):
     """The base and the head every method shares (an untrained head of `head_type` for oracle runs
@@ -127,11 +155,14 @@ def load_model(cfg: DictConfig):
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
     device = str(check_device(resolve_device(cfg.device)))
-    cfg.dtype = resolve_dtype(cfg.dtype, device)
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=cfg.dtype, device=device,
-                     batch_invariant=bool(cfg.batch_invariant))
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=resolve_dtype(cfg.dtype, device),
+                     device=device, batch_invariant=bool(cfg.batch_invariant))
     if cfg.head_path:
-        return base, load_head(cfg.head_path, base)
+        from decode.decoder import check_exact_base
+
+        head = load_head(cfg.head_path, base)
+        check_exact_base(head, base)  # model= names the base here: it must be the one the head was trained on
+        return base, head
     exit_layer = cfg.exit_layer
     if exit_layer is None:
         layer_s, lm_head_s = measure_costs(base)
@@ -145,7 +176,6 @@ def run_benchmark(cfg: DictConfig) -> dict:
 
     import torch
 
-    from decode import Decoder, OracleDrafts
     from decode.decoder import decode_threads
 
     load = os.getloadavg()[0]
@@ -154,7 +184,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
     longest = max(map(len, prompt_ids)) + cfg.max_new_tokens  # the warm-up's length on a static runtime
     threads = decode_threads(base, prompt_ids[0], cfg.ar_threads, cfg.stage_threads, cfg.stages)
-    cfg.ar_threads, cfg.stage_threads = threads["threads"], threads["stage_threads"]
+    cfg = cfg.model_copy(update={"dtype": str(base.dtype).removeprefix("torch."), "ar_threads": threads["threads"],
+                                 "stage_threads": threads["stage_threads"]})  # the resolved options, for what follows
     n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device),
                                          compile=resolve_compile(cfg.compile, str(base.device)))
     torch.manual_seed(cfg.seed)
@@ -162,11 +193,24 @@ def run_benchmark(cfg: DictConfig) -> dict:
           f"{cfg.ar_threads} AR threads (ms per AR step by threads: {threads['measured_ms'] or 'not measured'}), "
           f"{cfg.stage_threads} per stage, load average {load:.2f} at start", flush=True)
 
+    progress = Progress(planned_runs(cfg))
+    try:
+        return _run_benchmark(cfg, base, head, prompt_ids, longest, common, threads, load, progress)
+    finally:
+        progress.close()
+
+
+def _run_benchmark(cfg, base, head, prompt_ids, longest, common, threads, load, progress) -> dict:
+    import os
+
+    from decode import Decoder, OracleDrafts
+
+    n = cfg.max_new_tokens
     ar = Decoder("ar", threads=cfg.ar_threads, **common)
     ar.warm_up(prompt_ids[0], cfg.warmup_tokens, longest)
-    ar_run = timed_run(ar, "ar", prompt_ids, n)
+    ar_run = progress.timed_run(ar, "ar", prompt_ids, n)
     ar1 = Decoder("ar", threads=1, **common)
-    ar1_run = timed_run(ar1, "ar_1thread", prompt_ids, n)
+    ar1_run = progress.timed_run(ar1, "ar_1thread", prompt_ids, n)
     t_ar, references = ar_run.s_per_token, ar_run.tokens
     result = {"mode": cfg.mode, "model": base.name, "head": cfg.head_path or f"untrained {cfg.head_type}",
               "exit_layer": head.exit_layer, "num_layers": base.num_layers, "dtype": cfg.dtype,
@@ -184,10 +228,11 @@ def run_benchmark(cfg: DictConfig) -> dict:
         alone = stage_costs_alone(base, head, layout, prompt_ids, references, cfg.stage_threads)
         eesd_runs: dict[int, TimedRun] = {}
         if cfg.mode in ("measure", "all"):
-            result["measure"] = measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone)
+            result["measure"] = measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone,
+                                        progress)
         if cfg.mode in ("oracle", "all"):
             result["oracle"] = oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alone,
-                                            OracleDrafts, base.vocab_size)
+                                            OracleDrafts, base.vocab_size, progress)
     result["stages_alone_ms"] = [a / MS for a in alone]
     result["load_average_end"] = round(os.getloadavg()[0], 2)  # other jobs on the cores make timings noisy
     if "oracle" in result:
@@ -210,7 +255,7 @@ def lossless(run: TimedRun, references: list[list[int]]) -> bool:
     return run.tokens == references
 
 
-def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone) -> dict:
+def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs, alone, progress) -> dict:
     """AR vs EESD (every γ, the fastest reported) vs PPSD with the trained head."""
     from decode import Decoder
 
@@ -219,10 +264,10 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     for gamma in cfg.gammas:
         eesd = Decoder("eesd", gamma=int(gamma), threads=cfg.ar_threads, **common)
         eesd.warm_up(prompt_ids[0], cfg.warmup_tokens, max(map(len, prompt_ids)) + n)
-        eesd_runs[int(gamma)] = run = timed_run(eesd, f"eesd γ={gamma}", prompt_ids, n)
+        eesd_runs[int(gamma)] = run = progress.timed_run(eesd, f"eesd γ={gamma}", prompt_ids, n)
         sweep[int(gamma)] = run
     best = min(sweep, key=lambda g: sweep[g].s_per_token)
-    ppsd_run = timed_run(ppsd, "ppsd", prompt_ids, n)
+    ppsd_run = progress.timed_run(ppsd, "ppsd", prompt_ids, n)
     costs = pipeline_model(ppsd_run.generations)
     alpha = ppsd_run.alpha or 0.0
     predicted = ppsd_time(alpha, costs)
@@ -250,7 +295,8 @@ def measure(cfg, ppsd, common, prompt_ids, references, t_ar, ar1_run, eesd_runs,
     return out
 
 
-def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alone, OracleDrafts, vocab_size) -> dict:
+def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alone, OracleDrafts, vocab_size,
+                 progress) -> dict:
     """Drafts right with probability α: measured vs predicted PPSD and EESD at each α."""
     from decode import Decoder
 
@@ -262,13 +308,13 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
     if not eesd_runs:  # calibrate the EESD costs per γ on one prompt (an oracle at α = 0.8 keeps rounds full)
         for gamma in cfg.gammas:
             eesd = Decoder("eesd", gamma=int(gamma), threads=cfg.ar_threads, **common)
-            eesd_runs[int(gamma)] = timed_run(eesd, f"eesd γ={gamma}", prompt_ids[:1], n, oracles(0.8)[:1])
+            eesd_runs[int(gamma)] = progress.timed_run(eesd, f"eesd γ={gamma}", prompt_ids[:1], n, oracles(0.8)[:1])
     draft_s, verify_s = eesd_costs([g for r in eesd_runs.values() for g in r.generations])
     gammas = [g for g in cfg.gammas if g + 1 in verify_s]
     rows, stage_rows = [], {}
     for alpha in cfg.alphas:
         alpha = float(alpha)
-        run = timed_run(ppsd, f"ppsd α={alpha}", prompt_ids, n, oracles(alpha))
+        run = progress.timed_run(ppsd, f"ppsd α={alpha}", prompt_ids, n, oracles(alpha))
         costs = pipeline_model(run.generations)
         measured_alpha = run.alpha or 0.0
         predicted = ppsd_time(measured_alpha, costs)
@@ -276,7 +322,7 @@ def oracle_sweep(cfg, ppsd, common, prompt_ids, references, t_ar, eesd_runs, alo
         stage_rows[alpha] = stage_table(costs, alone)
         gamma = theory.best_eesd_gamma(alpha, draft_s, verify_s, t_ar, gammas)
         eesd = Decoder("eesd", gamma=gamma, threads=cfg.ar_threads, **common)
-        erun = timed_run(eesd, f"eesd α={alpha}", prompt_ids, n, oracles(alpha))
+        erun = progress.timed_run(eesd, f"eesd α={alpha}", prompt_ids, n, oracles(alpha))
         e_draft, e_verify = eesd_costs(erun.generations)
         e_alpha = erun.alpha or 0.0
         e_verify = e_verify if gamma + 1 in e_verify else verify_s
@@ -312,16 +358,57 @@ def run_runtime(cfg: DictConfig) -> dict:
 
     device = str(check_device(resolve_device(cfg.device)))
     cuda = device.startswith("cuda")
-    return runtime_bench.run(model=cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device), tokens=int(cfg.max_new_tokens),
+    return runtime_bench.run(model=cfg.model or "smollm2", device=device, dtype=resolve_dtype(cfg.dtype, device), tokens=int(cfg.max_new_tokens),
                              threads=1 if is_auto(cfg.ar_threads) else int(cfg.ar_threads), head_path=cfg.head_path,
                              gen_rows=128 if cuda else 0, layer_7b_figures=cuda)
 
 
+# --- the plot --------------------------------------------------------------------------------------
+
+def plot_speedups(result: dict, path: Path) -> Path | None:
+    """Measured against predicted speedup over ar: the oracle's α sweep as lines (PPSD, EESD), the trained
+    head's runs as points at their α. None when the run measured neither."""
+    measured, oracle = result.get("measure"), (result.get("oracle") or {}).get("rows")
+    if not (measured or oracle):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, color in (("ppsd", "tab:blue"), ("eesd", "tab:orange")):
+        if oracle:
+            alphas = [r["alpha"] for r in oracle]
+            ax.plot(alphas, [r[f"{method}_measured"] for r in oracle], "o-", color=color, label=f"{method} measured (oracle α)")
+            ax.plot(alphas, [r[f"{method}_predicted"] for r in oracle], "--", color=color, label=f"{method} predicted")
+        if measured and measured[method].get("predicted_speedup") is not None:
+            m = measured[method]
+            ax.plot([m["alpha"]], [m["speedup"]], "*", ms=14, color=color, label=f"{method}, trained head: measured")
+            ax.plot([m["alpha"]], [m["predicted_speedup"]], "x", ms=10, color=color, label=f"{method}, trained head: predicted")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("acceptance α")
+    ax.set_ylabel("speedup over ar (decode time, prefill excluded)")
+    ax.set_title(f"{Path(str(result['model'])).name} {result['dtype']} on {result['device']}, "
+                 f"{result['prompts']} prompts × {result['max_new_tokens']} tokens", fontsize=9)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- entry point -----------------------------------------------------------------------------------
 
-@entry_point("benchmark", BENCHMARK)
+@entry_point("benchmark", BenchmarkConfig)
 def main(cfg: DictConfig) -> None:
     result = {"theory": run_theory, "runtime": run_runtime}.get(cfg.mode, run_benchmark)(cfg)
+    if cfg.plot and cfg.mode in ("measure", "oracle", "all"):
+        written = plot_speedups(result, Path(cfg.plot))
+        if written:
+            result["plot"] = str(written)
+            print(f"\nmeasured vs predicted speedup: {written}", flush=True)
     print(json.dumps(result, default=_jsonable))
 
 

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_text
-from heads.hub import measured_from_results, push_head, write_head_folder
-from heads.head import read_head_config
-from heads.schema import EXPORT
+from heads.schema import ExportConfig
 
 
 def read_results(path: str | None, config: dict) -> dict | None:
+    from heads.hub import measured_from_results
+
     if not path:
         return None
     file = Path(path).expanduser()
@@ -42,6 +42,10 @@ def read_results(path: str | None, config: dict) -> dict | None:
 
 
 def export(cfg: DictConfig) -> dict:
+    # torch and the Hub client load here: a refused command line (one line) comes before them
+    from heads.head import read_head_config
+    from heads.hub import push_head, write_head_folder
+
     if not cfg.head_path:
         raise UserError("no head given: pass head_path=<head folder>")
     if bool(cfg.repo_id) == bool(cfg.local_dir):
@@ -61,7 +65,7 @@ def export(cfg: DictConfig) -> dict:
     return {"repo_id": cfg.repo_id, "url": url, "private": bool(cfg.private)} | where
 
 
-@entry_point("export", EXPORT, one_line_errors=True)
+@entry_point("export", ExportConfig, one_line_errors=True)
 def main(cfg: DictConfig) -> None:
     print(json.dumps(export(cfg)), flush=True)
 

@@ -1,6 +1,9 @@
 """The decode runtime against its bounds and against Hugging Face `generate`, each ratio measured in one run.
 
     python -m scripts.runtime_bench [--device cpu|cuda] [--threads 1] [--tokens 64] [--layers 30] [--model smollm2] [--head HEAD]
+    python -m scripts.runtime_bench --device cuda --model 7b --skip-overhead [--gamma 4] [--shards 1,2,4,8 --allreduce-ms 0.015]
+    python -m scripts.runtime_bench --model 7b --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 4 \
+        --head-dim 64 --vocab 512 --skip-overhead --shards 1,2     # the same code on a CPU, small
 
 1. Host overhead per layer per token: a tiny random Llama (compute ≈ 0) at the base's depth and at 2 layers;
    (t_depth - t_2) / (depth - 2) leaves out the embedding, LM head and token choice. Eager vs compiled static.
@@ -11,23 +14,32 @@
    project's own prompts (greedy, 128 new tokens).
 5. One Llama-7B-shaped decoder layer (random bf16 weights, 256 cached positions): a step of 1 and of 8 positions,
    eager vs compiled, against its weights' bytes at the copy bandwidth (--layer-7b; meant for a GPU).
-Compiling is paid once per process and printed (capture_s).
+6. --model 7b: a whole Llama-7B-shaped model (32 layers, random bf16 weights made on the device, no download),
+   compiled: the AR step, a γ + 1-position verify step, the capture time and the bound (its weights' bytes at
+   --bandwidth-gb-s, or at a measured copy's bandwidth). Any shape size can be overridden (--hidden ...).
+7. --shards 1,2,4,8: tensor-parallel AR's per-layer cost, measured on one device: one compiled 7B-shaped layer
+   with its heads and MLP split S ways, plus two all-reduces per layer at --allreduce-ms (stated, not measured).
+8. --teacher-prompts N: teacher generation as training runs it (default prompts, compiled, continuous batch):
+   greedy and sampled tokens/s, capture included.
+Compiling is paid once per process and printed (capture_s). The last line is the figures as one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from decode.ar import ar_decode
 from decode.common import run_to_end
 from decode.eesd import eesd_decode
-from heads import load_base, load_head
+from heads import UserError, load_base, load_head
 from heads.files import read_prompts
 from scripts.overhead import tiny_model
 
@@ -89,38 +101,158 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def layer_7b(device, repeats: int = 50, hidden: int = 4096, intermediate: int = 11008, heads: int = 32) -> dict:
-    """One Llama-7B-shaped layer on 256 cached positions: ms per step of 1 and 8 positions, eager vs compiled."""
+@dataclass(frozen=True)
+class Shape:
+    """A Llama's shape; the defaults are Llama-2-7B's (6.7 B parameters, 13.5 GB in bf16)."""
+
+    layers: int = 32
+    hidden: int = 4096
+    intermediate: int = 11008
+    heads: int = 32
+    kv_heads: int = 32
+    head_dim: int = 128
+    vocab: int = 32000
+
+    def shard(self, ways: int) -> "Shape":
+        """One tensor-parallel shard: heads and MLP columns split `ways` ways, the hidden size kept."""
+        if self.heads % ways or self.kv_heads % ways or self.intermediate % ways:
+            raise UserError(f"{ways} shards do not divide {self.heads} heads, {self.kv_heads} KV heads and "
+                            f"{self.intermediate} MLP columns evenly")
+        return replace(self, heads=self.heads // ways, kv_heads=self.kv_heads // ways,
+                       intermediate=self.intermediate // ways)
+
+
+def random_llama(shape: Shape, device, dtype=torch.bfloat16):
+    """A Llama of `shape` with random weights made directly on `device` (laid out on the meta device, then
+    allocated there: no host copy of 13.5 GB, no download), as a `Base`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from heads.base import Base
 
-    config = LlamaConfig(vocab_size=32, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
-                         num_attention_heads=heads, num_key_value_heads=heads)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    base = Base(model, tokenizer=None, name="llama-7b-layer", folder=None, loaded_layers=range(1))
-    weight_bytes = unique_bytes(model.model.layers.parameters())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=generator)
+    # to_empty leaves buffers unset: the rotary frequencies are computed anew on the device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    model.eval()
+    return Base(model, tokenizer=None, name=f"random-llama-{shape.layers}x{shape.hidden}", folder=None,
+                loaded_layers=range(shape.layers))
+
+
+def timed_ms(device, call, repeats: int) -> float:
+    """Median wall time of `call` in ms (the device synchronized around each call)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def verify_ms(base, positions_count: int, repeats: int) -> float:
+    """One compiled step of `positions_count` positions through every layer + the LM head on each (EESD's and
+    PPSD's verify pass of γ + 1 positions), the cache rolled back after each; the first call captures."""
+    model = base.range(0, base.num_layers)
+    device, n = base.device, len(PROMPT)
+    ids = torch.tensor([PROMPT], device=device)
+    draft = ids[:, :positions_count]
+    pos = torch.arange(n, n + positions_count, device=device)[None]
+
+    def step():
+        hidden = model.forward(base.embed(draft), pos)
+        base.logits(hidden).argmax(-1)
+        model.crop(n)
+
+    with torch.inference_mode():
+        model.forward(base.embed(ids), torch.arange(n, device=device)[None])
+        step()  # capture
+        return timed_ms(device, step, repeats)
+
+
+def model_7b(device, shape: Shape = Shape(), *, tokens: int = 32, gamma: int = 4, repeats: int = 20,
+             bandwidth_gb_s: float | None = None) -> dict:
+    """A whole Llama-7B-shaped model, random bf16 weights made on the device, compiled static runtime: the AR
+    step (embedding, every layer, LM head, argmax), a γ + 1-position verify step, the capture time and the
+    bound (every weight's bytes at `bandwidth_gb_s`, or at the copy bandwidth measured here)."""
+    start = time.perf_counter()
+    base = random_llama(shape, device)
+    sync(device)
+    out = {"shape": asdict(shape), "setup_s": round(time.perf_counter() - start, 1)}
+    weight_bytes = unique_bytes(base.model.parameters())
+    if bandwidth_gb_s is None:
+        bandwidth_gb_s, out["bandwidth_source"] = copy_bandwidth(device) / 1e9, "measured copy"
+    else:
+        out["bandwidth_source"] = "stated"
+    out |= {"weights_gb": round(weight_bytes / 1e9, 3), "bandwidth_gb_s": round(bandwidth_gb_s, 1),
+            "bound_ms": round(weight_bytes / (bandwidth_gb_s * 1e9) * 1e3, 4)}
+    base.set_runtime(compile=True)
+    out["runtime"] = base.runtime.describe()
+    out["ar_ms"] = round(ar_ms(base, tokens, repeats=3), 4)
+    out[f"verify_{gamma + 1}_ms"] = round(verify_ms(base, gamma + 1, repeats), 4)
+    out["capture_s"] = round(base.runtime.capture_s, 1)
+    out["ar_over_bound"] = round(out["ar_ms"] / out["bound_ms"], 2)
+    del base
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def layer_step_ms(base, count: int, cached: int, repeats: int) -> float:
+    """One layer range call of `count` positions after `cached` positions, rolled back after each."""
+    device, hidden = base.device, base.hidden_size
+    r = base.range(0, base.num_layers)
+    with torch.inference_mode():
+        r.forward(torch.randn(1, cached, hidden, device=device, dtype=base.dtype), torch.arange(cached, device=device)[None])
+        x = torch.randn(1, count, hidden, device=device, dtype=base.dtype)
+        pos = torch.arange(cached, cached + count, device=device)[None]
+
+        def step():
+            r.forward(x, pos)
+            r.crop(cached)
+
+        step()  # capture
+        return timed_ms(device, step, repeats)
+
+
+def layer_7b(device, repeats: int = 50, shape: Shape = Shape()) -> dict:
+    """One Llama-7B-shaped layer on 256 cached positions: ms per step of 1 and 8 positions, eager vs compiled."""
+    base = random_llama(replace(shape, layers=1, vocab=32), device)
+    weight_bytes = unique_bytes(base.model.model.layers.parameters())
     out = {"bound_ms": round(weight_bytes / copy_bandwidth(device) * 1e3, 4)}
     for mode in ("eager", "compiled"):
         base.set_runtime(compile=mode == "compiled")
         for count in (1, 8):
-            r = base.range(0, 1)
-            with torch.inference_mode():
-                r.forward(torch.randn(1, 256, hidden, device=device, dtype=torch.bfloat16),
-                          torch.arange(256, device=device)[None])
-                x = torch.randn(1, count, hidden, device=device, dtype=torch.bfloat16)
-                pos = torch.arange(256, 256 + count, device=device)[None]
-                times = []
-                for _ in range(repeats):
-                    sync(device)
-                    start = time.perf_counter()
-                    r.forward(x, pos)
-                    sync(device)
-                    times.append(time.perf_counter() - start)
-                    r.crop(256)
-            out[f"{mode}_{count}_ms"] = round(sorted(times)[len(times) // 2] * 1e3, 4)
+            out[f"{mode}_{count}_ms"] = round(layer_step_ms(base, count, 256, repeats), 4)
+    return out
+
+
+def tp_shards(device, shards=(1, 2, 4, 8), repeats: int = 50, shape: Shape = Shape(),
+              allreduce_ms: float | None = None) -> dict:
+    """Tensor-parallel AR's per-layer cost on S devices, measured on one: one compiled layer whose heads and MLP
+    are split S ways (what each device runs), 1 position after 256 cached, per S; plus the two all-reduces of
+    a hidden state per layer, which one device cannot measure: `allreduce_ms` is stated, and said so."""
+    out = {"shard_ms": {}, "weights_mb": {}}
+    for ways in shards:
+        base = random_llama(replace(shape.shard(ways), layers=1, vocab=32), device)
+        base.set_runtime(compile=True)
+        out["weights_mb"][ways] = round(unique_bytes(base.model.model.layers.parameters()) / 1e6, 2)
+        out["shard_ms"][ways] = round(layer_step_ms(base, 1, 256, repeats), 4)
+    if allreduce_ms is not None:
+        out["allreduce_ms"], out["allreduce_source"] = allreduce_ms, "assumed (one device: not measured)"
+        out["tp_layer_ms"] = {s: round(ms + (2 * allreduce_ms if s > 1 else 0), 4) for s, ms in out["shard_ms"].items()}
     return out
 
 
@@ -161,13 +293,13 @@ def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, dev
 
 
 def generation(model: str, rows: int, dtype: str, device, max_new_tokens: int = 128) -> dict:
-    from train.data import DEFAULT_PROMPTS, _generate_batch, _generate_batch_static
+    from train.data import DEFAULT_PROMPTS, generate_batch, generate_batch_static
 
     base = load_base(model, dtype=dtype, device=device)
     prompts = [base.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in read_prompts(DEFAULT_PROMPTS)]
     batch = sorted(prompts, key=len)[:rows]
     out = {"rows": rows, "max_new_tokens": max_new_tokens}
-    for mode, generate in (("eager", _generate_batch), ("compiled", _generate_batch_static)):
+    for mode, generate in (("eager", generate_batch), ("compiled", generate_batch_static)):
         base.set_runtime(compile=mode == "compiled")
         for _ in range(2 if mode == "compiled" else 1):  # the compiled path's first run captures; time the second
             sync(device)
@@ -180,20 +312,64 @@ def generation(model: str, rows: int, dtype: str, device, max_new_tokens: int = 
     return out
 
 
+def teacher(model: str, device, dtype: str, prompts: int = 0, max_new_tokens: int = 160,
+            batch_size: int | str = "auto") -> dict:
+    """Teacher generation as `python -m train` runs it on this device: the default prompt set (its first
+    `prompts`; 0 = all), the compiled runtime, the greedy pass then one sampled pass, each timed end to end
+    with its capture, in tokens/s of answers."""
+    from types import SimpleNamespace
+
+    from train.data import generate_responses, generation_batch_size, load_prompts
+
+    base = load_base(model, dtype=dtype, device=device)
+    base.set_runtime(compile=True)
+    rows = load_prompts("default", limit=prompts or None)
+    settings = SimpleNamespace(gen_batch_size=batch_size, max_prompt_tokens=1024, max_new_tokens=max_new_tokens)
+    gen = {"max_new_tokens": max_new_tokens, "max_prompt_tokens": 1024, "temperature": 0.8, "top_p": 0.95,
+           "batch_size": generation_batch_size(base, settings), "seed": 0}
+    out = {"model": base.name, "prompts": len(rows), "batch_size": gen["batch_size"], "runtime": base.runtime.describe()}
+    for name, sample in (("greedy", None), ("sampled", 0)):
+        sync(device)
+        start = time.perf_counter()
+        answers = generate_responses(base, rows, gen, sample=sample, progress=False)
+        sync(device)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(a["response_ids"]) for a in answers)
+        out[name] = {"answers": len(answers), "tokens": tokens, "seconds": round(seconds, 2),
+                     "tokens_per_s": round(tokens / seconds, 1)}
+    out["capture_s"] = round(base.runtime.capture_s, 1)
+    out["shapes_captured"] = len(base.runtime.captured)
+    return out
+
+
 def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", threads: int = 1, tokens: int = 64,
-        layers: int = 30, head_path: str | None = None, base_model: bool = True, gen_rows: int = 0,
-        layer_7b_figures: bool = False) -> dict:
-    """Every figure above that is asked for, printed as it is measured; returns them as a dict."""
+        layers: int | None = None, head_path: str | None = None, base_model: bool = True, gen_rows: int = 0,
+        layer_7b_figures: bool = False, overhead: bool = True, shape: Shape | None = None, gamma: int = 4,
+        bandwidth_gb_s: float | None = None, shards: tuple[int, ...] = (), allreduce_ms: float | None = None,
+        repeats: int = 20, teacher_prompts: int | None = None, teacher_new_tokens: int = 160) -> dict:
+    """Every figure above that is asked for, printed as it is measured; returns them as a dict. model="7b": the
+    whole 7B-shaped model (`shape`, its depth `layers`) instead of a real base."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
-    result = {"mode": "runtime", "device": device, "dtype": dtype, "threads": threads, "tokens": tokens,
-              "host_overhead": host_overhead(layers, tokens, device)}
-    h = result["host_overhead"]
-    print(f"host overhead per layer per token ({layers}-layer tiny Llama, {threads} thread(s)): "
-          f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
-          f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
-          f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
-    if base_model:
+    result = {"mode": "runtime", "device": device, "dtype": dtype, "threads": threads, "tokens": tokens}
+    shape = shape or Shape()
+    if model == "7b" and layers:
+        shape = replace(shape, layers=layers)
+    if overhead:
+        depth = layers or 30
+        h = result["host_overhead"] = host_overhead(depth, tokens, device)
+        print(f"host overhead per layer per token ({depth}-layer tiny Llama, {threads} thread(s)): "
+              f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
+              f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
+              f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
+    if base_model and model == "7b":
+        m = result["model_7b"] = model_7b(device, shape, tokens=tokens, gamma=gamma, repeats=repeats,
+                                          bandwidth_gb_s=bandwidth_gb_s)
+        print(f"7B-shaped model ({shape.layers} layers, {m['weights_gb']} GB bf16, set up in {m['setup_s']} s), compiled:"
+              f" AR step {m['ar_ms']} ms, verify of {gamma + 1} positions {m[f'verify_{gamma + 1}_ms']} ms, capture "
+              f"{m['capture_s']} s; bound {m['bound_ms']} ms at {m['bandwidth_gb_s']} GB/s ({m['bandwidth_source']}): "
+              f"AR at {m['ar_over_bound']}x the bound", flush=True)
+    elif base_model:
         s = result["base"] = base_figures(model, tokens, dtype, head_path, device)
         print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
               f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
@@ -208,34 +384,84 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
         g = result["generation"] = generation(model, gen_rows, dtype, device)
         print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
               f"{g['compiled_tokens_per_s']} tokens/s", flush=True)
+    if teacher_prompts is not None:
+        T = result["teacher"] = teacher(model, device, dtype, teacher_prompts, teacher_new_tokens)
+        print(f"teacher generation ({T['prompts']} prompts, rows of at most {T['batch_size']}, capture included): greedy "
+              f"{T['greedy']['tokens_per_s']} tokens/s ({T['greedy']['seconds']} s), sampled "
+              f"{T['sampled']['tokens_per_s']} tokens/s ({T['sampled']['seconds']} s); {T['shapes_captured']} "
+              f"shape(s) captured in {T['capture_s']} s", flush=True)
     if layer_7b_figures:
-        L = result["layer_7b"] = layer_7b(device)
+        L = result["layer_7b"] = layer_7b(device, shape=shape)
         print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms;"
               f" 8 positions eager {L['eager_8_ms']} ms, compiled {L['compiled_8_ms']} ms; bound {L['bound_ms']} ms",
               flush=True)
+    if shards:
+        t = result["tp_shards"] = tp_shards(device, shards, repeats=repeats, shape=shape, allreduce_ms=allreduce_ms)
+        print("tensor-parallel shard of one 7B-shaped layer, compiled, 1 position: "
+              + ", ".join(f"S={k} {v} ms" for k, v in t["shard_ms"].items())
+              + (f"; + 2 all-reduces of {allreduce_ms} ms each (assumed)" if allreduce_ms is not None else ""), flush=True)
     return result
 
 
-def main() -> None:
+def parse_shards(text: str) -> tuple[int, ...]:
+    try:
+        shards = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--shards {text!r}: give shard counts such as 1,2,4,8") from None
+    if any(s < 1 for s in shards):
+        raise UserError(f"--shards {text!r}: every shard count must be >= 1")
+    return shards
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="depth of the tiny overhead model (default 30) and of --model 7b (default 32)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--head", default=None, help="a trained head folder: adds EESD vs HF assistant_early_exit")
-    parser.add_argument("--model", default="smollm2", help="the base for the figures of a real model")
+    parser.add_argument("--model", default="smollm2", help="the base for the figures of a real model; 7b: a "
+                        "Llama-7B-shaped model with random bf16 weights (no download)")
     parser.add_argument("--skip-model", action="store_true", help="only the tiny-model overhead figures")
+    parser.add_argument("--skip-overhead", action="store_true", help="leave out the tiny-model overhead figures")
     parser.add_argument("--gen-rows", type=int, default=0, help="also time teacher generation at this batch size")
+    parser.add_argument("--teacher-prompts", type=int, default=None,
+                        help="also time teacher generation (greedy + sampled, compiled) on this many default "
+                             "prompts (0: all)")
+    parser.add_argument("--teacher-new-tokens", type=int, default=160, help="answer length for --teacher-prompts")
     parser.add_argument("--layer-7b", action="store_true", help="also time one 7B-shaped layer (bf16; for a GPU)")
+    parser.add_argument("--shards", default="", help="also time one 7B-shaped layer split S ways, e.g. 1,2,4,8")
+    parser.add_argument("--allreduce-ms", type=float, default=None,
+                        help="the all-reduce cost to add per tensor-parallel layer (twice), stated, not measured")
+    parser.add_argument("--gamma", type=int, default=4, help="--model 7b: the verify step covers gamma + 1 positions")
+    parser.add_argument("--bandwidth-gb-s", type=float, default=None,
+                        help="--model 7b: the bound's bandwidth (default: a copy measured on the device)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per figure (the median is kept)")
+    for size in fields(Shape):
+        if size.name != "layers":
+            parser.add_argument(f"--{size.name.replace('_', '-')}", type=int, default=None,
+                                help=f"--model 7b / --shards: the shape's {size.name} (default {size.default})")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    args = parser.parse_args()
-    result = run(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, tokens=args.tokens,
-                 layers=args.layers, head_path=args.head, base_model=not args.skip_model, gen_rows=args.gen_rows,
-                 layer_7b_figures=args.layer_7b)
+    args = parser.parse_args(argv)
+    sizes = {f.name: getattr(args, f.name) for f in fields(Shape) if f.name != "layers" and getattr(args, f.name) is not None}
+    if any(v < 1 for v in sizes.values()) or (args.layers is not None and args.layers < 1) or not 0 < args.gamma < 16:
+        parser.error("shape sizes and --layers must be >= 1, --gamma in 1..15")
+    try:
+        result = run(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, tokens=args.tokens,
+                     layers=args.layers, head_path=args.head, base_model=not args.skip_model, gen_rows=args.gen_rows,
+                     layer_7b_figures=args.layer_7b, overhead=not args.skip_overhead, shape=replace(Shape(), **sizes),
+                     gamma=args.gamma, bandwidth_gb_s=args.bandwidth_gb_s, shards=parse_shards(args.shards),
+                     allreduce_ms=args.allreduce_ms, repeats=args.repeats, teacher_prompts=args.teacher_prompts,
+                     teacher_new_tokens=args.teacher_new_tokens)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

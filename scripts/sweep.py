@@ -36,7 +36,7 @@ from tqdm import tqdm
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import atomic_write_json, read_prompts, run_folder
-from heads.schema import SWEEP
+from heads.schema import SweepConfig
 from scripts.sweep_plan import (Candidate, base_info, describe_hardware, manifest_for, model_slug, open_sweep_folder,
                                 plan, read_json)
 from scripts.sweep_select import candidate_row, finish
@@ -239,7 +239,7 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-@entry_point("sweep", SWEEP)
+@entry_point("sweep", SweepConfig)
 def main(cfg: DictConfig) -> None:
     exit_on_sigterm()
     print(json.dumps(sweep(cfg)), flush=True)

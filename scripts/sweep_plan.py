@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from heads.errors import UserError
 from heads.files import atomic_write_json
-from heads.head import HEAD_TYPES
+from heads.schema import HEAD_TYPES
 
 
 # --- the plan -----------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from heads.cli import entry_point
-from heads.schema import SWEEP_POINT
+from heads.schema import SweepPointConfig
 from scripts.sweep import exit_on_sigterm, sweep
 from scripts.sweep_plan import model_slug
 
@@ -32,9 +32,9 @@ def metrics(results: dict) -> dict:
 def run_point(cfg: DictConfig) -> dict:
     import wandb
 
-    point = OmegaConf.to_container(cfg, resolve=True)
+    point = cfg.model_dump()
     out_dir = cfg.out_dir or str(Path("sweeps") / "wandb" / model_slug(str(cfg.model)) / f"L{cfg.exit_layer}-{cfg.head_type}")
-    sweep_cfg = OmegaConf.merge(cfg, {"exit_layers": [cfg.exit_layer], "heads": [cfg.head_type], "out_dir": out_dir})
+    sweep_cfg = cfg.model_copy(update={"exit_layers": [cfg.exit_layer], "heads": [cfg.head_type], "out_dir": out_dir})
     run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, job_type="sweep_point",
                      config={k: point[k] for k in ("model", "exit_layer", "head_type", "stages", "gammas", "prompts", "limit",
                                                    "max_new_tokens", "train_overrides", "decode_overrides")})
@@ -53,7 +53,7 @@ def run_point(cfg: DictConfig) -> dict:
     return summary | {"speedup": logged.get("speedup"), "wandb_run": run.id}
 
 
-@entry_point("sweep_point", SWEEP_POINT)
+@entry_point("sweep_point", SweepPointConfig)
 def main(cfg: DictConfig) -> None:
     exit_on_sigterm()
     print(json.dumps(run_point(cfg)), flush=True)

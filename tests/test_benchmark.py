@@ -47,10 +47,10 @@ def test_theory_table(capsys):
     assert {"ppsd_speedup", "eesd_speedup", "eesd_gamma", "exit_layer", "ceiling"} <= set(result["rows"][0])
 
 
-def test_measure_and_oracle_on_tiny_model(tiny_model_dir, tiny_head, spec_bench_path):
+def test_measure_and_oracle_on_tiny_model(tiny_model_dir, tiny_head, spec_bench_path, tmp_path):
     done = benchmark("mode=all", f"model={tiny_model_dir}", f"head_path={tiny_head}", f"prompts={spec_bench_path}",
                      "dtype=float32", "num_prompts=1", "max_new_tokens=6", "gammas=[1,2]", "alphas=[0.0,1.0]",
-                     "warmup_tokens=2")
+                     "warmup_tokens=2", f"plot={tmp_path}/plots/speedup.png")
     assert done.returncode == 0, done.stderr[-2000:]
     result = last_json(done.stdout)
     assert {"ar_ms_per_token", "ar_1thread_ms_per_token", "stage_layers", "measure", "oracle", "targets",
@@ -66,6 +66,8 @@ def test_measure_and_oracle_on_tiny_model(tiny_model_dir, tiny_head, spec_bench_
             "eesd_gamma"} <= set(rows[0])
     assert rows[0]["ppsd_alpha"] == 0.0 and rows[1]["ppsd_alpha"] == 1.0  # the oracle sets α exactly
     assert {"ppsd_within_tolerance", "ppsd_alpha0_vs_ar"} <= set(result["targets"])
+    plot = tmp_path / "plots" / "speedup.png"  # measured vs predicted speedup, a PNG
+    assert result["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_measure_needs_a_head():

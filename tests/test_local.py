@@ -2,6 +2,7 @@
 after another, so these tests cover the schedule (ticks, hand-offs, flushes, verdicts), not the overlap."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from decode.common import draft_step, run_to_end
 from decode.local import LocalPipeline
 from decode.measure import local_time_per_token
 from heads import build_head
+from heads.sampling import Sampling
 
 PROMPTS = [list(range(100, 120)), [5, 9, 200, 7, 7, 31]]
 LAYOUTS = {2: [(0, 2), (2, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
@@ -59,6 +61,7 @@ def test_greedy_equals_ar(tiny_base, heads, reference, kind, stages):
         rejected = gen.drafts_verified - gen.drafts_accepted
         assert gen.stats["flushes"] in (rejected - 1, rejected) and gen.stats["flushes"] > 0
         assert len(gen.accept_lengths) == gen.stats["flushes"] + 1
+        assert gen.stats["reads"] == len(gen.tokens)  # one device-to-host read per token: none in refill ticks
 
 
 def test_greedy_equals_ar_on_compiled_static_steps(tiny_base, heads, reference):
@@ -110,15 +113,17 @@ def test_sampling_keeps_the_models_distribution(tiny_base, heads):
     q = torch.softmax(draft_logits / temperature, -1)
     assert 0.5 * (p - q).abs().sum() > 0.5
     pipe = _pipeline(tiny_base, head, 2)
-    samples = [run_to_end(pipe.decode(prompt, 1, temperature=temperature, seed=s)).tokens[0] for s in range(n)]
+    samples = [run_to_end(pipe.decode(prompt, 1, sampling=Sampling(temperature), seed=s)).tokens[0] for s in range(n)]
     top = [int(t) for t in torch.argsort(p, descending=True) if p[t] * n >= 5]
     expected = [float(p[t]) * n for t in top] + [n * (1 - float(p[top].sum()))]
     observed = [samples.count(t) for t in top] + [sum(1 for s in samples if s not in top)]
     chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected) if e > 0)
     dof = len(expected) - 1
     assert chi2 < dof + 4 * math.sqrt(2 * dof) + 6, (observed, expected)
-    longer = run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3))
-    assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, temperature=0.8, seed=3)).tokens
+    one = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8, top_k=1), seed=3))  # top-1 of p: AR's argmax
+    assert one.tokens == Decoder("ar", base=tiny_base, threads=1).generate(prompt, 16).tokens
+    longer = run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3))
+    assert len(longer.tokens) == 16 and longer.tokens == run_to_end(pipe.decode(prompt, 16, sampling=Sampling(0.8), seed=3)).tokens
 
 
 def test_tick_costs_predict_the_time_per_token(tiny_base, heads):
@@ -191,7 +196,7 @@ def test_command_with_streams_placement(tiny_model_dir, head_dir, spec_bench_pat
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["placement"] == "streams" and result["lossless"] is True
     assert result["predicted_speedup"] is not None  # from the ticks measured at warm-up
-    assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0
+    assert result["decode_tokens_per_s"] > 0 and result["stage_overlap"] > 0 and result["handoff_us"] > 0
 
 
 def test_captured_steps_keep_the_cache_bookkeeping(tiny_base, heads, reference):
@@ -242,3 +247,35 @@ def test_a_capturing_stage_compiles_without_torchs_own_graphs(tiny_base, heads):
         assert stage.range.runtime is first  # one copy per stage: its compiled functions are reused per request
     finally:
         tiny_base.set_runtime()
+
+
+def test_stages_on_their_own_bases(tiny_base, tiny_model_dir, heads, reference):
+    """placement=devices on a CPU: each later stage loads only its layers (the last, also the LM head) as its own
+    Base, as it would on its own GPU, and the answers are still AR's."""
+    from decode.decoder import stage_bases, stage_devices
+
+    cpu = torch.device("cpu")
+    assert stage_devices("cuda:1", 3, "devices") == [torch.device("cuda", i) for i in (1, 2, 3)]
+    assert stage_devices("cuda", 2, "streams") == [torch.device("cuda")] * 2
+    assert stage_devices("cpu", 2, "devices") == [cpu, cpu]
+    layout = [range(0, 2), range(2, 4), range(4, 6)]
+    other = torch.device("meta")  # any device but the base's: stage_bases loads those stages separately
+    fake = types.SimpleNamespace(device=cpu, dtype=tiny_base.dtype, folder=tiny_model_dir,
+                                 batch_invariant=False, runtime=tiny_base.runtime)
+    loaded = []
+    import decode.decoder as decoder
+    real = decoder.load_base
+
+    def load_on_cpu(name, **kwargs):
+        loaded.append((kwargs["layers"], kwargs["embedding"], kwargs["lm_head"]))
+        return real(name, **kwargs | {"device": "cpu"})
+
+    decoder.load_base = load_on_cpu
+    try:
+        bases = stage_bases(fake, layout, [cpu, other, other])
+    finally:
+        decoder.load_base = real
+    assert loaded == [(range(2, 4), False, False), (range(4, 6), False, True)]
+    bases[0] = tiny_base
+    pipe = LocalPipeline(bases, heads["mlp"], [(r.start, r.stop) for r in layout], placement="devices")
+    assert [run_to_end(pipe.decode(p, 24)).tokens for p in PROMPTS] == reference

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from heads import UserError, build_head, load_head
 from heads.files import atomic_write_text, read_prompts, run_folder, staged_files
+from heads.config import validate
+from heads.schema import DecodeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -68,7 +70,7 @@ def _decode_cfg(**values):
     cfg = OmegaConf.load(ROOT / "conf" / "decode.yaml")
     for key in ("defaults", "hydra"):
         cfg.pop(key)
-    return OmegaConf.merge(cfg, {"threads": 1, "warmup": False} | values)
+    return validate(OmegaConf.merge(cfg, {"threads": 1, "warmup": False} | values), DecodeConfig)
 
 
 @pytest.fixture

@@ -110,16 +110,33 @@ def test_ppsd_stages_on_the_compiled_runtime_give_ar_tokens(tiny_model_dir, batc
         assert ppsd.generate(prompt, 16).tokens == want
 
 
-def test_teacher_answers_on_the_compiled_runtime_equal_the_eager_ones(tiny_model_dir):
-    from train.data import _generate_batch, _generate_batch_static
+def test_teacher_answers_on_the_compiled_runtime_are_each_prompts_own_and_capture_one_shape(tiny_model_dir):
+    """Continuous batching: 10 prompts through 4 rows, rows refilled as answers end (tokens of the answers made
+    EOS tokens so answers end early, at different steps): each greedy answer is the one its prompt gets alone, and
+    every step of the turn, greedy or sampled, runs one captured shape."""
+    from train.data import generate_batch, generate_batch_static, generate_responses, slot_count
 
     base = load_base(tiny_model_dir)
-    prompts = [list(range(5, 5 + n)) for n in (3, 7, 12, 5)]  # left padding: rows start at different slots
-    settings = dict(max_new_tokens=20, sample=False, temperature=1.0, top_p=1.0, seed=0)
-    want = _generate_batch(base, prompts, **settings)
+    prompts = [list(range(5 + 7 * n, 5 + 8 * n + 2)) for n in range(10)]  # 2..11 tokens
+    settings = dict(max_new_tokens=12, sample=False, temperature=1.0, top_p=1.0, seed=0)
+    free = [generate_batch(base, [p], **settings)[0] for p in prompts]
+    stop = [a[(3 * i) % 11] for i, a in enumerate(free) if i % 3]  # every third answer runs to the end
+    base.model.generation_config.eos_token_id = stop
+    alone = [generate_batch(base, [p], **settings)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 2 and min(map(len, alone)) < 12  # answers end at different steps
     base.set_runtime(static=True, compile=True)
-    assert _generate_batch_static(base, prompts, **settings) == want
-    assert _generate_batch_static(base, prompts, **settings) == want  # the pooled cache, emptied, and its graph
+    assert generate_batch_static(base, prompts, batch_size=4, **settings) == alone
+    assert generate_batch_static(base, prompts[::-1], batch_size=4, **settings) == alone[::-1]
+    sampled = generate_batch_static(base, prompts, batch_size=4, **settings | {"sample": True, "temperature": 0.8})
+    assert all(0 < len(a) <= 12 for a in sampled)
+    assert base.runtime.captured == {("slots", 4, 256)}
+    assert [slot_count(n, 8) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, 8, 8]
+    # generate_responses sends a whole turn to the continuous batch
+    rows = generate_responses(base, [{"id": f"p{i}", "turns": [f"question {i} " * (i + 1)]} for i in range(5)],
+                              {"max_new_tokens": 6, "max_prompt_tokens": 512, "temperature": 1.0, "top_p": 1.0,
+                               "batch_size": 4, "seed": 0}, progress=False)
+    assert len(rows) == 5 and all(0 < len(r["response_ids"]) <= 6 for r in rows)
+    assert base.runtime.captured == {("slots", 4, 256)}  # 5 prompts through the same 4 rows: no new capture
 
 
 def test_runtime_benchmark_reports_every_figure(tiny_model_dir):
@@ -156,6 +173,8 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     from omegaconf import OmegaConf
 
     from decode.evaluate import run
+    from heads.config import validate
+    from heads.schema import DecodeConfig
 
     base = load_base(tiny_model_dir)
     build_head(base, "mlp", 2).save_pretrained(tmp_path / "head")
@@ -168,7 +187,7 @@ def test_decode_warm_up_sizes_the_caches_so_no_graph_is_captured_while_timing(ti
     cfg = OmegaConf.merge(cfg, {"method": "eesd", "compare": ["ar"], "head_path": str(tmp_path / "head"),
                                 "model": tiny_model_dir, "prompts": str(tmp_path / "q.jsonl"), "max_new_tokens": 8,
                                 "threads": 1, "compile": True, "dtype": "float32"})
-    summary = run(cfg, tmp_path / "out")
+    summary = run(validate(cfg, DecodeConfig), tmp_path / "out")
     assert summary["lossless"] and summary["runtime"] == "compiled static"
     assert summary["captures_while_timing"] == 0
 

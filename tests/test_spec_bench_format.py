@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 
 from decode.evaluate import run
 from heads import build_head
+from heads.config import validate
+from heads.schema import DecodeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [  # two turns each (the answer is fed back) and two categories, like Spec-Bench's MT-bench rows
@@ -53,7 +55,7 @@ def decoded(tiny_base, tiny_model_dir, tmp_path_factory):
     cfg = OmegaConf.merge(cfg, {"method": "eesd", "compare": ["ar"], "head_path": str(head), "model": tiny_model_dir,
                                 "prompts": str(prompts), "max_new_tokens": 12, "threads": 1, "warmup": False})
     out = folder / "out"
-    return run(cfg, out), out
+    return run(validate(cfg, DecodeConfig), out), out
 
 
 def test_answer_files_have_spec_bench_fields(decoded):

@@ -19,6 +19,7 @@ from decode.theory import (
     predict_table,
     stage_costs,
     tp_ar_time_per_token,
+    tp_layer_s,
 )
 
 
@@ -236,3 +237,16 @@ def test_tensor_parallel_baseline():
     row, = predict_table(1.0, 32, 0.0, 0.5, 0.0, [0.5], [4], exit_layers=8, allreduce_s=0.01)
     assert row["t_ar_tp_s"] == pytest.approx(8.775)
     assert row["ppsd_speedup_vs_tp"] == pytest.approx(8.775 / row["ppsd_time_s"])
+
+
+def test_tensor_parallel_with_measured_shards():
+    # a measured 4-way shard of 0.6 (not 1/4 of the unit layer) + two all-reduces of 0.01 per layer:
+    # 32 · 0.62 = 19.84, LM head 0.5 / 4 = 0.125, one more all-reduce 0.01 -> 19.975
+    assert tp_layer_s(1.0, 4, 0.01, shard_s=0.6) == pytest.approx(0.62)
+    assert tp_layer_s(1.0, 4, 0.01) == pytest.approx(0.27)  # the 1/S rule
+    assert tp_ar_time_per_token(1.0, 32, 0.5, 4, 0.01, shard_s=0.6) == pytest.approx(19.975)
+    rows = predict_table(1.0, 32, 0.0, 0.5, 0.0, [0.5], [2, 4], exit_layers=8, allreduce_s=0.01,
+                         tp_shard_s={4: 0.6})
+    assert [r["tp_layer_source"] for r in rows] == ["1/S rule", "measured shard"]
+    assert rows[1]["t_ar_tp_s"] == pytest.approx(19.975)
+    assert rows[0]["t_ar_tp_s"] == pytest.approx(tp_ar_time_per_token(1.0, 32, 0.5, 2, 0.01))

@@ -139,7 +139,7 @@ def test_generation_is_batched_cached_and_reused(tiny_base, tmp_path):
     first = next(r for r in rows if r["turn"] == 0 and r["id"] == "p0" and not r["sampled"])
     assert len(second["prompt_ids"]) > len(first["prompt_ids"]) + len(first["response_ids"])  # sees its own answer
     # greedy batched generation with left padding = one prompt alone
-    alone = D._generate_batch(tiny_base, [first["prompt_ids"]], max_new_tokens=6, sample=False, temperature=1,
+    alone = D.generate_batch(tiny_base, [first["prompt_ids"]], max_new_tokens=6, sample=False, temperature=1,
                               top_p=1, seed=0)
     assert alone[0] == first["response_ids"]
     stamp = (folder / "greedy.jsonl").stat().st_mtime_ns
@@ -196,9 +196,11 @@ def _leave_the_process_group():
 
 
 def _run_in_process(overrides):
+    from heads.config import validate
+    from heads.schema import TrainConfig
     from train.recipe import run
 
-    return run(_compose(overrides))  # the one-process group stays up between runs, as in a Hydra multirun
+    return run(validate(_compose(overrides), TrainConfig))  # the one-process group stays up between runs, as in a Hydra multirun
 
 
 def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, prompt_file, tmp_path):

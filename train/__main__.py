@@ -3,17 +3,15 @@
 import atexit
 import json
 import os
-
-from omegaconf import DictConfig
+import sys
 
 from heads.cli import entry_point
-from heads.schema import TRAIN
+from heads.schema import TrainConfig
 
 
 def _destroy_process_group():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never imported (bad input stops before torch): nothing to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -22,8 +20,8 @@ def _destroy_process_group():
 atexit.register(_destroy_process_group)
 
 
-@entry_point("train", TRAIN, sigterm=True)
-def main(cfg: DictConfig) -> None:
+@entry_point("train", TrainConfig, sigterm=True)
+def main(cfg: TrainConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from train.recipe import run
 

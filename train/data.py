@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from heads import UserError
+from heads import UserError, sampling
 from heads.base import cache_kwarg, cache_root
-from heads.files import atomic_write_json, atomic_write_text, read_prompts
+from heads.files import atomic_write_json, atomic_write_text, prompt_turns, read_prompts
 from heads.hardware import is_auto, native_bf16
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "default.jsonl"
@@ -61,15 +61,8 @@ def with_prompt_positions(examples: list[Example]) -> list[Example]:
 # ---------------------------------------------------------------- prompts
 
 
-def _check_prompt(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object with 'turns', got {type(row).__name__}")
-    turns = row.get("turns")
-    if isinstance(turns, str):
-        turns = [turns]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise UserError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
-    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": turns}
+def _check_prompt(row: dict, where: str) -> dict:
+    return {"id": str(row.get("id", where)), "category": str(row.get("category", "")), "turns": prompt_turns(row, where)}
 
 
 def load_prompts(source, *, split: str = "train", field: str = "turns", limit: int | None = None) -> list[dict]:
@@ -167,23 +160,11 @@ def cache_key(base, prompts: list[dict], gen: dict) -> str:
 
 def next_tokens(logits: torch.Tensor, *, sample: bool, temperature: float, top_p: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy, or nucleus sampling at `temperature`: each row keeps the smallest set of most likely tokens whose
-    mass reaches `top_p`. The set is found among the top k tokens (k widened until every row's top k hold
-    `top_p`) instead of by sorting the whole vocabulary, which on a CPU costs as much as a decode step."""
-    if not sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    k = min(64, probs.shape[-1])
-    while True:
-        top, index = probs.topk(k, dim=-1)
-        if k == probs.shape[-1] or bool((top.sum(-1) >= top_p).all()):
-            break
-        k = min(probs.shape[-1], 4 * k)
-    top = top * ((top.cumsum(-1) - top) < top_p)  # the first token always stays
-    return index.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(-1)
+    """Greedy, or nucleus sampling at `temperature`: the decoders' sampler (heads/sampling.py) on a batch of rows."""
+    return sampling.sample(logits, sampling.Sampling(temperature, top_p) if sample else sampling.GREEDY, generator)
 
 
-def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
+def generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool, temperature: float,
                     top_p: float, seed: int) -> list[list[int]]:
     """Left-padded batched generation with one KV cache; returns each response up to and including its EOS.
 
@@ -220,43 +201,100 @@ def _generate_batch(base, prompts_ids: list[list[int]], *, max_new_tokens: int, 
     return responses
 
 
-def _generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
-                           temperature: float, top_p: float, seed: int) -> list[list[int]]:
-    """The same answers on the static runtime (`base.set_runtime(compile=True)`): one preallocated cache, rows
-    kept to the end (fixed shapes), the one-position step compiled; the host reads the tokens every 16 steps."""
-    from heads.runtime import cache_len_for
+def slot_count(prompts: int, batch_size: int) -> int:
+    """Rows of the continuous batch: `batch_size`, or for fewer prompts the next power of two that holds
+    them (so a small last turn adds at most log2(batch_size) shapes, each captured once)."""
+    return min(batch_size, 1 << max(0, prompts - 1).bit_length())
 
-    tok, device = base.tokenizer, base.device
+
+def _prefill_rows(base, prompts_ids: list[list[int]]):
+    """Eager left-padded prefill of new prompts: each one's last-position logits, and per layer its keys and
+    values moved to columns [0, length) (a slot row holds its sequence from column 0)."""
+    tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(base.eos_token_ids))
-    width, rows = max(map(len, prompts_ids)), len(prompts_ids)
-    inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids], device=device)
-    first = torch.tensor([width - len(p) for p in prompts_ids], device=device)[:, None]  # each row's first real slot
-    cache = base.static_cache(0, base.num_layers, cache_len_for(width + max_new_tokens), rows=rows)
-    slots = torch.arange(cache.max_len, device=device)
+    width = max(map(len, prompts_ids))
+    inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids], device=base.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids], device=base.device)
+    cache = DynamicCache(config=base.config)
+    logits = base.model(input_ids=inputs, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True, logits_to_keep=1, **{cache_kwarg(type(base.model).forward): cache}).logits[:, -1]
+    shift = torch.tensor([width - len(p) for p in prompts_ids], device=base.device)
+    source = (torch.arange(width, device=base.device)[None] + shift[:, None]).clamp(max=width - 1)  # (k, width)
 
-    def mask(columns: torch.Tensor) -> torch.Tensor:  # (B, 1, T, max_len): a row's own slots up to the query's
-        return ((slots >= first[:, :, None]) & (slots <= columns[None, :, None]))[:, None]
+    def moved(x):  # (k, H, width, D): column c <- column c + pad
+        return x.gather(2, source[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
+    return logits, [(moved(layer.keys), moved(layer.values)) for layer in cache.layers[:base.num_layers]], width
+
+
+def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
+                           temperature: float, top_p: float, seed: int, batch_size: int | None = None,
+                           check_every: int | None = None) -> list[list[int]]:
+    """Every prompt's answer on the compiled runtime (`base.set_runtime(compile=True)`), continuously batched:
+    `slot_count` rows on one preallocated cache run one compiled step of fixed shape; when a row's answer ends
+    (EOS or max_new_tokens) the next prompt is prefilled into that row while the others go on, so one long
+    answer holds one row, not a batch. The host looks at the rows every `check_every` steps (a read of device
+    memory waits for the GPU; a finished row runs a few steps more, discarded). Greedy and sampled answers
+    take this same path; a row's greedy answer is the one it gets alone."""
+    from heads.runtime import SlotKV, cache_len_for
+
+    device, count = base.device, len(prompts_ids)
+    if not count:
+        return []
+    check_every = check_every or (8 if device.type == "cuda" else 1)
+    rows = slot_count(count, batch_size or count)
+    max_len = cache_len_for(max(map(len, prompts_ids)) + max_new_tokens + check_every)
+    key = ("slots", rows, max_len)
+    cache = base._static_caches.get(key)
+    if cache is None:
+        cache = base._static_caches[key] = SlotKV(base.num_layers, max_len, rows, device)
+    slots = torch.arange(max_len, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     eos = torch.tensor(sorted(base.eos_token_ids), device=device)
-    out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-    step = base.runtime.compiled("next_token_logits", base.next_token_logits)
+    width = max_new_tokens + check_every
+    out = torch.zeros(rows, width, dtype=torch.long, device=device)
+    made = torch.zeros(rows, dtype=torch.long, device=device)    # tokens generated per row
+    ended = torch.ones(rows, dtype=torch.bool, device=device)    # EOS seen or max_new_tokens reached
+    token = torch.zeros(rows, dtype=torch.long, device=device)   # each row's last token: the next step's input
+    step = base.runtime.compiled("slot_step", base.next_token_logits)
+    answers: list[list[int] | None] = [None] * count
+    owner = [-1] * rows  # the prompt each row answers (-1: idle)
+    queue = iter(range(count))
     with torch.inference_mode():
-        columns = torch.arange(width, device=device)
-        logits = base.next_token_logits(inputs, (columns - first).clamp(min=0), cache, mask(columns))
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            token = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
-            out[:, t] = token
-            done |= torch.isin(token, eos)
-            if t + 1 == max_new_tokens or (t % 16 == 15 and bool(done.all())):
+        while True:
+            free = [r for r in range(rows) if owner[r] == -1]
+            new = [(r, i) for r, i in zip(free, queue)]
+            if new:
+                logits, layers, prompt_width = _prefill_rows(base, [prompts_ids[i] for _, i in new])
+                if not cache.layers[0].is_initialized:
+                    cache.allocate(layers[0][0].shape[1], layers[0][0].shape[3], layers[0][0].dtype, device)
+                index = torch.tensor([r for r, _ in new], device=device)
+                for layer, (k, v) in zip(cache.layers, layers):
+                    layer.keys[index, :, :prompt_width] = k
+                    layer.values[index, :, :prompt_width] = v
+                first = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
+                lengths = torch.tensor([len(prompts_ids[i]) for _, i in new], device=device)
+                token[index], cache.columns[index, 0], made[index] = first, lengths, 1
+                out[index, 0] = first
+                ended[index] = torch.isin(first, eos) | (max_new_tokens <= 1)
+                for r, i in new:
+                    owner[r] = i
+            if all(o == -1 for o in owner):
                 break
-            column = torch.full((1,), width + t, device=device)
-            logits = step(token[:, None], column - first, cache, mask(column))
-    answers = []
-    for row in out[:, :t + 1].tolist():
-        end = next((i for i, x in enumerate(row) if x in base.eos_token_ids), len(row) - 1)
-        answers.append(row[:end + 1])
+            for _ in range(check_every):
+                mask = (slots[None, None, None, :] <= cache.columns[:, None, :, None])
+                logits = base.runtime.call(key, step, token[:, None], cache.columns, cache, mask)
+                token = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
+                out.scatter_(1, made.clamp(max=width - 1)[:, None], token[:, None])
+                made.add_(1)
+                cache.columns.add_(1).clamp_(max=max_len - 1)  # an idle or ended row's steps are thrown away
+                ended |= torch.isin(token, eos) | (made >= max_new_tokens)
+            finished = [r for r, e in enumerate(ended.tolist()) if e and owner[r] != -1]
+            for r, row in zip(finished, out[finished].tolist() if finished else []):
+                row = row[:max_new_tokens]
+                end = next((j for j, x in enumerate(row) if x in base.eos_token_ids), len(row) - 1)
+                answers[owner[r]] = row[:end + 1]
+                owner[r] = -1
     return answers
 
 
@@ -279,7 +317,7 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, sample: int | No
     name = "greedy answers" if not sampled else f"sampled answers #{sample + 1}"
     bar = tqdm(total=sum(len(p["turns"]) for p in mine), desc=name, unit="resp", disable=not progress,
                dynamic_ncols=True)
-    generate = _generate_batch_static if base.runtime.compile else _generate_batch
+    generate = generate_batch_static if base.runtime.compile else generate_batch
     for turn in range(max((len(p["turns"]) for p in mine), default=0)):
         encoded = {}
         for p in mine:
@@ -296,11 +334,14 @@ def generate_responses(base, prompts: list[dict], gen: dict, *, sample: int | No
                                 f"{gen['max_prompt_tokens']}: shorten it or raise data.max_prompt_tokens")
             encoded[p["id"]] = ids
         group = sorted(encoded, key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
-        for b in range(0, len(group), gen["batch_size"]):
-            chunk = group[b:b + gen["batch_size"]]
+        # the compiled path batches continuously: the whole turn in one call, `batch_size` rows refilled
+        size = len(group) if base.runtime.compile else gen["batch_size"]
+        for b in range(0, len(group), max(size, 1)):
+            chunk = group[b:b + size]
             answers = generate(base, [encoded[i] for i in chunk], max_new_tokens=gen["max_new_tokens"],
                                sample=sampled, temperature=gen["temperature"], top_p=gen["top_p"],
-                               seed=variant_seed(gen["seed"], sample, turn, b, rank))
+                               seed=variant_seed(gen["seed"], sample, turn, b, rank),
+                               **({"batch_size": gen["batch_size"]} if base.runtime.compile else {}))
             for i, answer in zip(chunk, answers):
                 rows.append({"id": i, "turn": turn, "sampled": sampled, "sample": -1 if sample is None else sample,
                              "prompt_ids": encoded[i], "response_ids": answer})
@@ -340,7 +381,7 @@ def generation_batch_size(base, cfg) -> int:
     return max(1, min(512, int(0.5 * free) // bytes_per_row))
 
 
-def _gen_settings(cfg) -> dict:
+def generation_settings(cfg) -> dict:
     return {"max_new_tokens": int(cfg.max_new_tokens), "max_prompt_tokens": int(cfg.max_prompt_tokens),
             "samples": int(cfg.samples), "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
             "batch_size": int(cfg.gen_batch_size), "seed": int(cfg.gen_seed), "dtype": str(cfg.gen_dtype)}
@@ -355,7 +396,7 @@ def self_distillation_set(base, prompts: list[dict], cfg, *, cache_dir: str | No
 
     Each variant (greedy, sample 0, sample 1, ...) is cached in its own file, written once (ranks share the
     work): asking for more samples later generates only the new ones."""
-    gen = _gen_settings(cfg)
+    gen = generation_settings(cfg)
     order = {p["id"]: i for i, p in enumerate(prompts)}
     sources: dict[str, list[dict]] = {}
     for p in prompts:

@@ -23,14 +23,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from heads import UserError, load_base
 from heads.base import model_num_layers, model_source_id, resolve_model_path
 from heads.files import atomic_folder, atomic_write_text, run_folder
 from heads.hardware import is_auto, resolve_compile, resolve_dtype
-from heads.schema import TRAIN, validate
+from heads.schema import TrainConfig
 from train import data as D
 from train.checkpoint import (check_heads_match, check_run_folders, metrics_lines_upto, resume_folder,
                               run_identity, save_checkpoint)
@@ -78,8 +77,9 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float):
 # ---------------------------------------------------------------- the recipe
 
 
-def run(cfg) -> dict | None:
-    """The whole job; its result (what metrics.json holds) on rank 0, None on the other ranks."""
+def run(cfg: TrainConfig) -> dict | None:
+    """The whole job; its result (what metrics.json holds) on rank 0, None on the other ranks. `cfg`: the
+    checked options (`heads.config.validate(dictconfig, TrainConfig)`, as the entry point passes them)."""
     recipe = DistillRecipe(cfg)
     # The run owns out_dir (rank 0 holds it for all ranks): a second run into it refuses.
     with run_folder(recipe.out_dir, "python -m train") if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
@@ -94,12 +94,15 @@ class DistillRecipe:
     """Every rank runs the same recipe; rank 0 (`main`) alone writes the log, the head folders and metrics.json.
 
     One frozen-base forward per batch serves every head (train/features.py); only the heads are in the DeepSpeed
-    engine, the base stays outside it."""
+    engine, the base stays outside it.
 
-    def __init__(self, cfg):
+    `cfg` holds the options as given (`auto` included); what `auto` became is decided once, in `setup`, and kept
+    beside it: `self.dtype`, `self.matmul_dtype`, `self.forward_batch_size` and `self.data` (the data options
+    with their `auto`s resolved)."""
+
+    def __init__(self, cfg: TrainConfig):
         # Bad input fails here, before any weights load or the slow distributed set-up.
         self.t_start = time.time()
-        validate(cfg, TRAIN)
         self.cfg = cfg
         self.device = train_device(cfg.device)
         self.exit_layers = exit_layers_of(cfg, model_num_layers(cfg.model, cfg.trust_remote_code))
@@ -110,15 +113,16 @@ class DistillRecipe:
     def setup(self) -> None:
         cfg, device = self.cfg, self.device
         quiet = int(os.environ.get("RANK", 0)) != 0
-        cfg.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
-        cfg.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
-        cfg.data.gen_dtype = resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet)
-        cfg.data.samples = D.sampled_answers(cfg.data.samples, device, quiet=quiet)
-        cfg.data.gen_compile = resolve_compile(cfg.data.gen_compile, device, quiet=quiet)
-        self.base = load_base(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-        cfg.data.gen_batch_size = D.generation_batch_size(self.base, cfg.data)
-        if is_auto(cfg.forward_batch_size):  # the frozen forward keeps no graph: a GPU takes far more rows
-            cfg.forward_batch_size = 64 if device.type == "cuda" else 16
+        self.dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
+        self.matmul_dtype = resolve_dtype(cfg.matmul_dtype, device, name="matmul_dtype", quiet=quiet)
+        data = {"gen_dtype": resolve_dtype(cfg.data.gen_dtype, device, name="data.gen_dtype", quiet=quiet),
+                "samples": D.sampled_answers(cfg.data.samples, device, quiet=quiet),
+                "gen_compile": resolve_compile(cfg.data.gen_compile, device, quiet=quiet)}
+        self.base = load_base(cfg.model, dtype=self.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        self.data = cfg.data.model_copy(update=data | {"gen_batch_size": D.generation_batch_size(self.base, cfg.data)})
+        # the frozen forward keeps no graph: a GPU takes far more rows
+        self.forward_batch_size = (64 if device.type == "cuda" else 16) if is_auto(cfg.forward_batch_size) \
+            else cfg.forward_batch_size
         self.prompts = D.load_prompts(cfg.data.prompts, split=cfg.data.prompt_split, field=cfg.data.prompt_field,
                                       limit=cfg.data.max_prompts)
 
@@ -135,12 +139,12 @@ class DistillRecipe:
     def _setup_data(self) -> None:
         """Prompts -> cached self-generated responses -> examples (held-out prompts: greedy answers only),
         this rank's shard of the training set, and the step counts."""
-        cfg, base = self.cfg, self.base
-        gen_base = base if str(cfg.data.gen_dtype) in (str(cfg.dtype), "null", "None") else \
-            load_base(cfg.model, dtype=cfg.data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
-        gen_base.set_runtime(compile=cfg.data.gen_compile)
+        cfg, base, data = self.cfg, self.base, self.data
+        gen_base = base if str(data.gen_dtype) in (str(self.dtype), "null", "None") else \
+            load_base(cfg.model, dtype=data.gen_dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        gen_base.set_runtime(compile=data.gen_compile)
         t_gen = time.time()
-        rows, self.data_dirs = D.self_distillation_set(base, self.prompts, cfg.data, cache_dir=cfg.data.cache_dir,
+        rows, self.data_dirs = D.self_distillation_set(base, self.prompts, data, cache_dir=data.cache_dir,
                                                       rank=self.rank, world=self.world, barrier=barrier,
                                                       progress=self.main, gen_base=gen_base)
         self.gen_seconds = time.time() - t_gen
@@ -167,14 +171,14 @@ class DistillRecipe:
 
         cfg, base = self.cfg, self.base
         self.model = model = HeadSet(base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden,
-                                     lm_head_dtype=cfg.matmul_dtype, mlp_layers=cfg.head.mlp_layers)
+                                     lm_head_dtype=self.matmul_dtype, mlp_layers=cfg.head.mlp_layers)
         if cfg.init_from:
             warm_start(model, cfg.init_from, base)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.head.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.total_steps, cfg.warmup, cfg.min_lr_ratio))
-        ds_config = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+        ds_config = cfg.deepspeed.model_dump()
         ds_config.update(train_micro_batch_size_per_gpu=self.batch_size, gradient_accumulation_steps=1,
                          gradient_clipping=cfg.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
         ds_config["bf16"] = {"enabled": base.dtype == torch.bfloat16}
@@ -196,7 +200,8 @@ class DistillRecipe:
                 metrics_lines_upto(self.metrics_path, self.step)
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
-        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        resolved = self.cfg.model_dump() | {"dtype": self.dtype, "matmul_dtype": self.matmul_dtype,
+                                            "forward_batch_size": self.forward_batch_size, "data": self.data.model_dump()}
         self.run = wandb_run(self.cfg, self.out_dir, resolved) if self.main else None
 
     def _setup_features(self) -> None:
@@ -204,8 +209,8 @@ class DistillRecipe:
         set's exact fp32 states and the untrained heads' held-out metrics."""
         cfg, base = self.cfg, self.base
         self.source = FeatureSource(base, self.exit_layers, keep=cfg.cache_features,
-                                    batch_size=cfg.forward_batch_size, autocast_dtype=cfg.matmul_dtype)
-        self.eval_source = FeatureSource(base, self.exit_layers, keep=True, batch_size=cfg.forward_batch_size)
+                                    batch_size=self.forward_batch_size, autocast_dtype=self.matmul_dtype)
+        self.eval_source = FeatureSource(base, self.exit_layers, keep=True, batch_size=self.forward_batch_size)
         self.t_features = time.time()
         if cfg.cache_features:
             self.source.precompute(self.shard, progress=self.main)
@@ -216,7 +221,7 @@ class DistillRecipe:
     def _evaluate(self, model: HeadSet) -> tuple[dict, dict]:
         """The held-out metrics per head, and per prompt source and head when there are several sources."""
         return evaluate_by_source(model, self.base, self.eval_source, self.eval_set, self.exit_layers,
-                                  self.cfg.forward_batch_size, {p["id"]: p.get("source") for p in self.prompts})
+                                  self.forward_batch_size, {p["id"]: p.get("source") for p in self.prompts})
 
     def _batch_at(self, step: int):
         """The epoch and this rank's batch at `step`: a fixed shuffle per (seed, epoch, rank), so a resumed run
@@ -334,10 +339,10 @@ class DistillRecipe:
         metadata = {
             "training": {"data": {"prompts": D.source_names(cfg.data.prompts), "num_prompts": len(self.prompts),
                                   "examples": len(self.train_set), "cache": [str(d) for d in self.data_dirs],
-                                  "generation": D._gen_settings(cfg.data)},
+                                  "generation": D.generation_settings(self.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
-                         "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(cfg.matmul_dtype),
-                         "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(cfg.dtype),
+                         "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(self.matmul_dtype),
+                         "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(self.dtype),
                          "seed": cfg.seed},
             "heldout": {"top1": metrics.get("top1"), "expected_acceptance": metrics.get("expected_acceptance"),
                         "positions": metrics.get("positions"), "untrained_top1": untrained}
@@ -362,8 +367,8 @@ class DistillRecipe:
                   "generate_seconds": round(self.gen_seconds, 1), "base_forward_seconds": round(self.features_seconds, 1),
                   "train_seconds": round(self.train_seconds, 1),
                   "total_seconds": round(time.time() - self.t_start, 1), "out_dir": str(self.out_dir),
-                  "device": str(self.device), "dtype": str(cfg.dtype), "matmul_dtype": str(cfg.matmul_dtype),
-                  "gen_dtype": str(cfg.data.gen_dtype), "gen_compile": bool(cfg.data.gen_compile),
+                  "device": str(self.device), "dtype": str(self.dtype), "matmul_dtype": str(self.matmul_dtype),
+                  "gen_dtype": str(self.data.gen_dtype), "gen_compile": bool(self.data.gen_compile),
                   "threads": torch.get_num_threads()}
         if len(per_head) == 1:
             return per_head[0] | result
