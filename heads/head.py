@@ -2,7 +2,8 @@
 turn into a prediction of the full model's next token.
 
 - `mlp`: x + W2·silu(W1·rmsnorm(x)), the last projection zero-initialised so an untrained head is the
-  "logit lens" (the base's own LM head read at layer E).
+  "logit lens" (the base's own LM head read at layer E). With `mlp_layers` > 1, further such residual blocks
+  follow (each zero-initialised the same way); it still maps h_E -> hidden, so decoding needs no change.
 - `transformer`: one decoder layer of the base's own architecture, initialised from the base's layer E
   weights. It attends over earlier positions, so at decode time it keeps a KV cache slot of its own
   (layer index N, right after the base's layers, in the same cache as the layers that feed it).
@@ -40,6 +41,20 @@ def _base_config(base_config: dict):
     return config
 
 
+class ResidualMLP(nn.Module):
+    """x + W2·silu(W1·rmsnorm(x)), W2 zero-initialised: a block an mlp head stacks after its first."""
+
+    def __init__(self, hidden_size: int, width: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.up = nn.Linear(hidden_size, width, bias=False)
+        self.down = nn.Linear(width, hidden_size, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.silu(self.up(self.norm(x))))
+
+
 class ExitHead(
     nn.Module,
     PyTorchModelHubMixin,
@@ -54,6 +69,7 @@ class ExitHead(
         base_model: str,
         base_config: dict,
         mlp_hidden: int = 0,
+        mlp_layers: int = 1,
         base_revision: str | None = None,
         metadata: dict | None = None,
         base: dict | None = None,
@@ -74,11 +90,16 @@ class ExitHead(
         self.vocab_size = config.vocab_size
         self.metadata = dict(metadata or {})
         if head_type == "mlp":
+            if mlp_layers < 1:
+                raise UserError(f"mlp_layers={mlp_layers}: an mlp head has at least one block")
             width = mlp_hidden or 2 * config.hidden_size
-            self.norm = nn.RMSNorm(config.hidden_size, eps=getattr(config, "rms_norm_eps", 1e-6))
+            eps = getattr(config, "rms_norm_eps", 1e-6)
+            # The first block's weights keep their names (norm, up, down): one-block head folders load as before.
+            self.norm = nn.RMSNorm(config.hidden_size, eps=eps)
             self.up = nn.Linear(config.hidden_size, width, bias=False)
             self.down = nn.Linear(width, config.hidden_size, bias=False)
             nn.init.zeros_(self.down.weight)
+            self.blocks = nn.ModuleList(ResidualMLP(config.hidden_size, width, eps) for _ in range(mlp_layers - 1))
         else:
             # Its own cache slot sits right after the base's layers.
             self.layer = decoder_layer_class(config)(config, num_layers)
@@ -95,7 +116,10 @@ class ExitHead(
     def forward(self, hidden, *, position_embeddings=None, attention_mask=None, position_ids=None, cache=None):
         """hidden (B, T, H) after layer E -> hidden (B, T, H) for the base's final norm + LM head."""
         if self.head_type == "mlp":
-            return hidden + self.down(nn.functional.silu(self.up(self.norm(hidden))))
+            hidden = hidden + self.down(nn.functional.silu(self.up(self.norm(hidden))))
+            for block in self.blocks:
+                hidden = block(hidden)
+            return hidden
         return self.layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
                           position_ids=position_ids, use_cache=cache is not None,
                           **{cache_kwarg(type(self.layer).forward): cache})
@@ -104,11 +128,11 @@ class ExitHead(
         return f"{self.head_type} head at layer {self.exit_layer}/{self.num_base_layers} of {self.base_model}"
 
 
-def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0) -> ExitHead:
+def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0, mlp_layers: int = 1) -> ExitHead:
     """A fresh head for `base`; a transformer head starts as a copy of the base's layer `exit_layer`."""
     head = ExitHead(head_type=head_type, exit_layer=exit_layer, base_model=base.name,
                     base_config=base.config.to_diff_dict() | {"model_type": base.config.model_type},
-                    mlp_hidden=mlp_hidden, base=base.identity)
+                    mlp_hidden=mlp_hidden, mlp_layers=mlp_layers, base=base.identity)
     head = head.to(device=base.device, dtype=base.dtype)
     if head_type == "transformer":
         head.layer.load_state_dict(base.decoder.layers[exit_layer].state_dict())
@@ -133,7 +157,7 @@ def _head_folder(path_or_id: str) -> Path:
 # config.json's keys (ExitHead's arguments) and their JSON types. A head folder is untrusted input: anything
 # else is a one-line error naming the file, except keys a newer ppsd added, which are dropped with a warning.
 HEAD_CONFIG_TYPES = {"head_type": str, "exit_layer": int, "base_model": str, "base_config": dict,
-                     "mlp_hidden": int, "base_revision": (str, type(None)), "metadata": (dict, type(None)),
+                     "mlp_hidden": int, "mlp_layers": int, "base_revision": (str, type(None)), "metadata": (dict, type(None)),
                      "base": (dict, type(None))}
 HEAD_CONFIG_REQUIRED = ("head_type", "exit_layer", "base_model", "base_config")
 

@@ -48,6 +48,7 @@ def check_gamma(gamma: int, key: str = "gamma") -> None:
 class HeadOptions(Options):
     type: HeadType = Field(title="head type")
     mlp_hidden: Natural
+    mlp_layers: Count
     lr: Positive
 
 

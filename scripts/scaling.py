@@ -65,7 +65,9 @@ def read_run(folder: Path, source: str = "default") -> list[dict]:
 def head_label(config: dict, training: dict) -> str:
     """The head type with what tells its variants apart: an MLP head's width, a transformer head's peak rate."""
     if config.get("head_type") == "mlp":
-        return f"mlp {config.get('mlp_hidden') or 2 * config.get('base_config', {}).get('hidden_size', 0)}"
+        blocks = config.get("mlp_layers", 1)
+        return f"mlp {config.get('mlp_hidden') or 2 * config.get('base_config', {}).get('hidden_size', 0)}" + \
+            (f" x{blocks}" if blocks > 1 else "")
     return f"{config.get('head_type')} lr {training['lr']:g}" if "lr" in training else str(config.get("head_type"))
 
 

@@ -95,9 +95,9 @@ def test_partial_load_materialises_only_its_layers(tiny_model_dir):
     assert not last.model.lm_head.weight.is_meta and not last.decoder.norm.weight.is_meta
 
 
-@pytest.mark.parametrize("head_type", ["mlp", "transformer"])
-def test_head_save_load_round_trip(tiny_base, tmp_path, head_type):
-    head = build_head(tiny_base, head_type, exit_layer=3)
+@pytest.mark.parametrize("head_type, mlp_layers", [("mlp", 1), ("mlp", 2), ("transformer", 1)])
+def test_head_save_load_round_trip(tiny_base, tmp_path, head_type, mlp_layers):
+    head = build_head(tiny_base, head_type, exit_layer=3, mlp_layers=mlp_layers)
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -113,10 +113,37 @@ def test_head_save_load_round_trip(tiny_base, tmp_path, head_type):
                            loaded(x, position_embeddings=rope, position_ids=pos))
 
 
-def test_untrained_mlp_head_is_the_logit_lens(tiny_base):
-    head = build_head(tiny_base, "mlp", exit_layer=2)
+@pytest.mark.parametrize("mlp_layers", [1, 2])
+def test_untrained_mlp_head_is_the_logit_lens(tiny_base, mlp_layers):
+    head = build_head(tiny_base, "mlp", exit_layer=2, mlp_layers=mlp_layers)
     x = torch.randn(1, 3, tiny_base.hidden_size)
     assert torch.equal(head(x), x)
+
+
+def test_two_block_mlp_head_applies_its_blocks_in_turn(tiny_base):
+    head = build_head(tiny_base, "mlp", exit_layer=2, mlp_hidden=8, mlp_layers=2)
+    assert len(head.blocks) == 1 and head.blocks[0].up.out_features == 8
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 3, tiny_base.hidden_size)
+    block = lambda m, h: h + m.down(torch.nn.functional.silu(m.up(m.norm(h))))  # noqa: E731
+    with torch.no_grad():
+        assert torch.allclose(head(x), block(head.blocks[0], block(head, x)))
+
+
+def test_one_block_head_folder_without_mlp_layers_still_loads(tiny_base, tmp_path):
+    """Head folders written before `mlp_layers` existed have no such key: they are one-block heads."""
+    build_head(tiny_base, "mlp", exit_layer=2).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["mlp_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert len(load_head(str(tmp_path), tiny_base).blocks) == 0
+
+
+def test_mlp_head_needs_a_block(tiny_base):
+    with pytest.raises(UserError, match="mlp_layers=0"):
+        build_head(tiny_base, "mlp", exit_layer=2, mlp_layers=0)
 
 
 def test_transformer_head_starts_as_the_bases_next_layer(tiny_base):

@@ -228,6 +228,15 @@ def test_multi_exit_transformer_heads_share_one_job(tiny_model_dir, tiny_base, p
     assert result["train_positions"] > result["train_examples"]
 
 
+def test_two_block_mlp_head_trains_and_saves_both_blocks(tiny_model_dir, tiny_base, prompt_file, tmp_path):
+    result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                             "head=mlp2", "head.mlp_hidden=16", "max_steps=4"))
+    head = load_head(result["head_path"], tiny_base)
+    assert head.head_type == "mlp" and len(head.blocks) == 1 and head.blocks[0].up.out_features == 16
+    # both zero-initialised output projections moved: the second block trained too
+    assert head.down.weight.abs().sum() > 0 and head.blocks[0].down.weight.abs().sum() > 0
+
+
 def test_several_prompt_sources_are_also_scored_each_on_its_own(tiny_model_dir, prompt_file, tmp_path):
     other = _write(tmp_path / "other.jsonl", [json.dumps({"id": f"o{i}", "turns": [f"Name a colour ({i})."]})
                                               for i in range(8)])

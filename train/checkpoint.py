@@ -28,7 +28,7 @@ _STEP_DIR = re.compile(r"^step_\d{7}$")
 def run_identity(cfg, exit_layers: list[int], base_model: str) -> dict:
     """What a checkpoint must share with the run that resumes it (anything else may change between them)."""
     return {"exit_layers": list(exit_layers), "head_type": str(cfg.head.type), "mlp_hidden": int(cfg.head.mlp_hidden),
-            "base_model": base_model}
+            "base_model": base_model} | ({"mlp_layers": int(cfg.head.mlp_layers)} if cfg.head.mlp_layers != 1 else {})
 
 
 def checkpoint_bytes(cfg, exit_layers: list[int]) -> int:
@@ -44,7 +44,8 @@ def checkpoint_bytes(cfg, exit_layers: list[int]) -> int:
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
             heads = [ExitHead(str(cfg.head.type), e, str(cfg.model), config.to_diff_dict() | {"model_type": config.model_type},
-                              mlp_hidden=int(cfg.head.mlp_hidden)) for e in exit_layers]
+                              mlp_hidden=int(cfg.head.mlp_hidden), mlp_layers=int(cfg.head.mlp_layers))
+                     for e in exit_layers]
     except Exception:  # noqa: BLE001: an architecture ExitHead cannot size here; the run itself will say more
         return 0
     return 2 * 5 * 4 * sum(p.numel() for head in heads for p in head.parameters())

@@ -21,9 +21,11 @@ from train.losses import TeacherView, expected_acceptance, top1_agreement
 class HeadSet(nn.Module):
     """Every head of the job; forward = per-head student logits at the loss positions + the teacher's."""
 
-    def __init__(self, base, head_type: str, exit_layers: list[int], mlp_hidden: int, lm_head_dtype=None):
+    def __init__(self, base, head_type: str, exit_layers: list[int], mlp_hidden: int, lm_head_dtype=None,
+                 mlp_layers: int = 1):
         super().__init__()
-        self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden) for e in exit_layers})
+        self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden, mlp_layers=mlp_layers)
+                                    for e in exit_layers})
         self.base = [base]  # a list keeps the frozen base out of this module's parameters and checkpoints
         self.lm_head_dtype = lm_head_dtype  # matmul dtype of the frozen LM head; evaluation sets None (exact)
         self.cast_lm_head: dict = {}  # dtype -> (weight, bias) of the frozen LM head in that dtype
@@ -68,9 +70,9 @@ def warm_start(model: HeadSet, folder: str, base) -> None:
     name = f"L{head.exit_layer}"
     mine = model.heads[next(iter(model.heads))]
     if name not in model.heads or head.head_type != mine.head_type or \
-            (head.head_type == "mlp" and head.up.out_features != mine.up.out_features):
+            (head.head_type == "mlp" and (head.up.out_features, len(head.blocks)) != (mine.up.out_features, len(mine.blocks))):
         raise UserError(f"init_from={folder} is a {head.describe()}, but this job trains {mine.head_type} heads "
-                        f"at layers {[int(n[1:]) for n in model.heads]}: match exit_layer, head and head.mlp_hidden")
+                        f"at layers {[int(n[1:]) for n in model.heads]}: match exit_layer, head, head.mlp_hidden and head.mlp_layers")
     model.heads[name].load_state_dict(head.state_dict())
 
 

@@ -171,7 +171,7 @@ class DistillRecipe:
 
         cfg, base = self.cfg, self.base
         self.model = model = HeadSet(base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden,
-                                     lm_head_dtype=self.matmul_dtype)
+                                     lm_head_dtype=self.matmul_dtype, mlp_layers=cfg.head.mlp_layers)
         if cfg.init_from:
             warm_start(model, cfg.init_from, base)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -315,7 +315,7 @@ class DistillRecipe:
         if not self.main:
             return None
         cfg = self.cfg
-        model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden)
+        model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden, mlp_layers=cfg.head.mlp_layers)
         model.load_state_dict(state)
         model.eval()
         heldout, by_source = self._evaluate(model) if self.eval_set else ({}, {})
