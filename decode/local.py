@@ -119,12 +119,7 @@ class Stage:
         a sync) or, when None, its own latest draft (on the device: the host need not know it)."""
         with self.context():
             if previous is not None:
-                if self.stream is not None:
-                    self.stream.wait_event(previous.done)
-                self.hidden_in.copy_(previous.hidden_out, non_blocking=True)
-                self.draft_in.copy_(previous.draft_out, non_blocking=True)
-                if self.taken is not None:
-                    self.taken.record(self.stream)
+                self.take(previous)
             elif token is None:
                 self.token.copy_(self.choice.view(1, 1))
             else:
@@ -138,6 +133,16 @@ class Stage:
                 self.range.length += 1  # what the step's Python would have counted
             if self.done is not None:
                 self.done.record(self.stream)
+
+    def take(self, previous: "Stage") -> None:
+        """The hand-off, on this stage's stream: wait until `previous` wrote its output, copy it (hidden state and
+        carried draft) on the device, and mark it taken so that `previous` may overwrite it."""
+        if self.stream is not None:
+            self.stream.wait_event(previous.done)
+        self.hidden_in.copy_(previous.hidden_out, non_blocking=True)
+        self.draft_in.copy_(previous.draft_out, non_blocking=True)
+        if self.taken is not None:
+            self.taken.record(self.stream)
 
     def _graph(self):
         """This stage's captured step for its current cache, captured on first use. None (the step runs uncaptured)
@@ -342,18 +347,13 @@ class LocalPipeline:
         return self.tick_costs
 
     def _handoff_s(self, repeats: int) -> float:
-        """One stage-to-stage hand-off alone (wait for the producer's event, copy its output on the device, record
-        `taken`), per position: what the placement adds to every position beyond the stages' compute."""
+        """One stage-to-stage hand-off alone (`Stage.take`), per position: what the placement adds to every position beyond the stages' compute."""
         producer, consumer = self.stages[0], self.stages[1]
         self._sync()
         begin = time.perf_counter()
         for _ in range(repeats):
             with consumer.context():
-                if consumer.stream is not None:
-                    consumer.stream.wait_event(producer.done)
-                consumer.hidden_in.copy_(producer.hidden_out, non_blocking=True)
-                if consumer.taken is not None:
-                    consumer.taken.record(consumer.stream)
+                consumer.take(producer)
         if consumer.stream is not None:
             consumer.stream.synchronize()
         return (time.perf_counter() - begin) / repeats
