@@ -3,7 +3,7 @@
 
 The names below load on first use (PEP 562): `python -m decode` checks its options before torch is imported."""
 
-import importlib
+from heads.lazy import lazy_exports
 
 _EXPORTS = {
     "Decoder": "decode.decoder",
@@ -16,8 +16,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'decode' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

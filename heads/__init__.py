@@ -3,7 +3,7 @@
 The names below load on first use (PEP 562), so that a command's one-line error for bad input comes before
 torch and transformers are imported (seconds of a user's time, and of every such test)."""
 
-import importlib
+from heads.lazy import lazy_exports
 
 _EXPORTS = {
     "Base": "heads.base",
@@ -18,8 +18,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'heads' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
