@@ -90,14 +90,15 @@ def resolve_placement(placement: str, device: str | torch.device, stages: int, t
     if placement not in PLACEMENTS:
         raise UserError(f"placement={placement}: use one of {', '.join(PLACEMENTS)}")
     device = torch.device(device)
+    gpus = torch.cuda.device_count() - (device.index or 0) if device.type == "cuda" else 0  # from `device` on
     if placement == "auto":
         if torchrun or device.type != "cuda":
             return "processes"
-        return "devices" if torch.cuda.device_count() - (device.index or 0) >= stages > 1 else "streams"
+        return "devices" if gpus >= stages > 1 else "streams"
     if torchrun and placement != "processes":
         raise UserError(f"placement={placement} drives every stage from one process: under torchrun use "
                         "placement=processes (the ranks are the stages), or run one process without torchrun")
-    if placement == "devices" and device.type == "cuda" and torch.cuda.device_count() - (device.index or 0) < stages:
+    if placement == "devices" and device.type == "cuda" and gpus < stages:
         raise UserError(f"placement=devices puts stage i on GPU i: {stages} stages need {stages} GPUs from {device}, "
                         f"this node has {torch.cuda.device_count()}; use placement=streams (one GPU) or fewer stages")
     return placement
