@@ -7,15 +7,21 @@
 
 1. Host overhead per layer per token: a tiny random Llama (compute ≈ 0) at the base's depth and at 2 layers;
    (t_depth - t_2) / (depth - 2) leaves out the embedding, LM head and token choice. Eager vs compiled static.
-2. The base (SmolLM2 by default) AR ms/token: eager, compiled static, HF `generate` (greedy, same weights, dtype and threads), and the
-   memory-bandwidth bound for its weights (their bytes / a timed copy's bandwidth).
+   Then the floor of one call per path (`call_floor`, scripts/overhead.py): a one-layer range call and the whole
+   AR step, eager, compiled, reduce-overhead (CUDA) and captured (one hand-captured graph replayed per step; on
+   a CPU, the compiled step called directly).
+2. The base (SmolLM2 by default) AR ms/token: eager, compiled static (`compiled`: the layer range's compiled step
+   per token, CUDA graphs through torch's graph trees on a GPU), captured (the whole step one hand-captured graph,
+   `captured`), HF `generate` (greedy, same weights, dtype and threads), and the memory-bandwidth bound for its
+   weights (their bytes / a timed copy's bandwidth).
 3. With --head: EESD with the trained head vs HF's `assistant_early_exit` at the same layer.
 4. With --gen-rows B: teacher generation (training data) tokens/s at batch B, eager vs compiled, on the
    project's own prompts (greedy, 128 new tokens).
 5. One Llama-7B-shaped decoder layer (random bf16 weights, 256 cached positions): a step of 1 and of 8 positions,
    eager vs compiled, against its weights' bytes at the copy bandwidth (--layer-7b; meant for a GPU).
 6. --model 7b: a whole Llama-7B-shaped model (32 layers, random bf16 weights made on the device, no download),
-   compiled: the AR step, a γ + 1-position verify step, the capture time and the bound (its weights' bytes at
+   compiled: the AR step captured by hand (`ar_captured_ms`, its capture `captured_capture_s`) and through the
+   compiled layer range (`ar_ms`), a γ + 1-position verify step, the capture time and the bound (its weights' bytes at
    --bandwidth-gb-s, or at a measured copy's bandwidth). Any shape size can be overridden (--hidden ...).
 7. --shards 1,2,4,8: tensor-parallel AR's per-layer cost, measured on one device: one compiled 7B-shaped layer
    with its heads and MLP split S ways, plus two all-reduces per layer at --allreduce-ms (stated, not measured).
@@ -41,7 +47,7 @@ from decode.common import run_to_end
 from decode.eesd import eesd_decode
 from heads import UserError, load_base, load_head
 from heads.files import read_prompts
-from scripts.overhead import tiny_model
+from scripts.overhead import call_floor, tiny_model
 
 PROMPT = list(range(100, 120))
 
@@ -56,8 +62,11 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ar_ms(base, tokens: int, repeats: int = 3) -> float:
-    """Mean AR decode step (prefill excluded), best of `repeats`, after a warm-up that captures the graphs."""
+def ar_ms(base, tokens: int, repeats: int = 3, captured: bool = False) -> float:
+    """Mean AR decode step (prefill excluded), best of `repeats`, after a warm-up that captures the graphs.
+    captured: the whole step replayed as one hand-captured graph (on a CPU: run directly); else the compiled layer
+    range called per token."""
+    base.runtime.step_graphs = captured
     with torch.inference_mode():
         run_to_end(ar_decode(base, PROMPT, 8))
         return min(run_to_end(ar_decode(base, PROMPT, tokens)).stats["token_s"] for _ in range(repeats)) * 1e3
@@ -200,6 +209,10 @@ def model_7b(device, shape: Shape = Shape(), *, tokens: int = 32, gamma: int = 4
             "bound_ms": round(weight_bytes / (bandwidth_gb_s * 1e9) * 1e3, 4)}
     base.set_runtime(compile=True)
     out["runtime"] = base.runtime.describe()
+    # the captured step first: the figure that says whether the per-call floor is gone
+    out["ar_captured_ms"] = round(ar_ms(base, tokens, repeats=3, captured=True), 4)
+    out["captured_capture_s"] = round(base.runtime.capture_s, 1)
+    out["captured_over_bound"] = round(out["ar_captured_ms"] / out["bound_ms"], 2)
     out["ar_ms"] = round(ar_ms(base, tokens, repeats=3), 4)
     out[f"verify_{gamma + 1}_ms"] = round(verify_ms(base, gamma + 1, repeats), 4)
     out["capture_s"] = round(base.runtime.capture_s, 1)
@@ -289,6 +302,10 @@ def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, dev
         if head is not None:
             out[f"eesd_{mode}_ms"] = round(eesd_ms(base, head, tokens), 2)
     out["capture_s"] = round(base.runtime.capture_s, 1)
+    before = base.runtime.capture_s
+    out["ar_captured_ms"] = round(ar_ms(base, tokens, captured=True), 2)
+    out["captured_capture_s"] = round(base.runtime.capture_s - before, 1)
+    out["captured_over_bound"] = round(out["ar_captured_ms"] / out["bound_ms"], 2)
     return out
 
 
@@ -362,19 +379,27 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
               f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
               f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
               f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
+        f = result["call_floor"] = call_floor(tiny_model(tempfile.mkdtemp(prefix="ppsd-runtime-"), depth), device,
+                                              tokens=tokens)
+        print(f"per-call floor ({depth}-layer tiny Llama; captured = {f['captured_path']}): one-layer call "
+              + ", ".join(f"{k} {v['layer_call_us']} µs" for k, v in f.items() if isinstance(v, dict))
+              + "; AR step " + ", ".join(f"{k} {v['ar_step_ms']} ms" for k, v in f.items() if isinstance(v, dict)),
+              flush=True)
     if base_model and model == "7b":
         m = result["model_7b"] = model_7b(device, shape, tokens=tokens, gamma=gamma, repeats=repeats,
                                           bandwidth_gb_s=bandwidth_gb_s)
         print(f"7B-shaped model ({shape.layers} layers, {m['weights_gb']} GB bf16, set up in {m['setup_s']} s), compiled:"
               f" AR step {m['ar_ms']} ms, verify of {gamma + 1} positions {m[f'verify_{gamma + 1}_ms']} ms, capture "
               f"{m['capture_s']} s; bound {m['bound_ms']} ms at {m['bandwidth_gb_s']} GB/s ({m['bandwidth_source']}): "
-              f"AR at {m['ar_over_bound']}x the bound", flush=True)
+              f"AR at {m['ar_over_bound']}x the bound; captured AR step {m['ar_captured_ms']} ms "
+              f"({m['captured_over_bound']}x the bound, capture {m['captured_capture_s']} s)", flush=True)
     elif base_model:
         s = result["base"] = base_figures(model, tokens, dtype, head_path, device)
         print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
               f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
               f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
-              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x",
+              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x; "
+              f"captured {s['ar_captured_ms']} ({s['captured_over_bound']}x the bound, capture {s['captured_capture_s']} s)",
               flush=True)
         if "eesd_eager_ms" in s:
             print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
