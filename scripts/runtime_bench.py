@@ -213,6 +213,7 @@ def model_7b(device, shape: Shape = Shape(), *, tokens: int = 32, gamma: int = 4
     out["ar_captured_ms"] = round(ar_ms(base, tokens, repeats=3, captured=True), 4)
     out["captured_capture_s"] = round(base.runtime.capture_s, 1)
     out["captured_over_bound"] = round(out["ar_captured_ms"] / out["bound_ms"], 2)
+    print(json.dumps({"model_7b": out}), flush=True)  # what a caller keeps if its time budget ends here
     out["ar_ms"] = round(ar_ms(base, tokens, repeats=3), 4)
     out[f"verify_{gamma + 1}_ms"] = round(verify_ms(base, gamma + 1, repeats), 4)
     out["capture_s"] = round(base.runtime.capture_s, 1)
