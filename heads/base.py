@@ -24,9 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from heads import batch_invariant
+from heads.cache import StaticKV, static_mask
 from heads.errors import UserError
 from heads.files import atomic_folder, atomic_write_json, writable_cache
-from heads.runtime import LayerRange, Runtime, StaticKV, static_mask
+from heads.runtime import LayerRange, Runtime
 
 DEFAULT_MODEL = "smollm2"
 
