@@ -97,8 +97,8 @@ class CaptureLog:
 class Runtime:
     """How a base's layer ranges run: `static` caches (owned here, one per range and row count), `compile`d steps
     (imply static) in `compile_mode`, padded to `rows` positions (> 0: batch-invariant compiled steps).
-    `step_graphs`: decode loops replay their whole step as one hand-captured CUDA graph where they can (greedy AR,
-    PPSD stages on CUDA); off, they call the compiled layer ranges (torch's own graphs) step by step."""
+    `step_graphs`: greedy AR replays its whole step as one hand-captured CUDA graph (`CapturedStep`); off, it calls
+    the compiled layer range (torch's own graphs) per token. (PPSD stages on CUDA always capture their step.)"""
 
     def __init__(self, base=None, *, static: bool = False, compile: bool = False, compile_mode: str | None = None,
                  rows: int = 0, caches: dict | None = None, log: CaptureLog | None = None):
