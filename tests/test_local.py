@@ -213,12 +213,17 @@ def test_captured_steps_keep_the_cache_bookkeeping(tiny_base, heads, reference):
                 captures.append((stage.start, stage.range.length))
                 return real()  # the stand-in: what a capture records (its Python runs, its length is undone after)
             stage.capturable, stage.step._capture = True, capture
-        gens = [run_to_end(pipe.decode(prompt, 24)) for prompt in PROMPTS]
+        gens, lengths = [], []
+        for prompt in PROMPTS:
+            gens.append(run_to_end(pipe.decode(prompt, 24)))
+            # the host's count of each stage's positions and the device's (moved by the replays) agree
+            lengths += [(s.range.length, int(s.range.cache.layers[s.start].cumulative_length)) for s in pipe.stages]
     finally:
         tiny_base.set_runtime()
     assert [g.tokens for g in gens] == reference
     assert sorted({start for start, _ in captures}) == [0, 2] and len(captures) == 2  # once per stage and cache
     assert not any(g.stats["uncaptured"] for g in gens)
+    assert all(host == device > 0 for host, device in lengths)
 
 
 def test_a_capturing_stage_compiles_without_torchs_own_graphs(tiny_base, heads):
