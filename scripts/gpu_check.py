@@ -20,7 +20,9 @@ error and the next still runs; later steps get what is left of --time-limit):
    hand-off; then decode_eesd (45 s): EESD against AR (bf16: batch-invariant, padded steps), losslessness and
    speed; `placements` sums up PPSD per placement and the loop's AR ms/token against the AR step inside it;
 5. benchmark (45 s): `python -m scripts.benchmark mode=oracle`: measured vs predicted speedups at fixed α;
-6. shards (45 s): one 7B-shaped layer split S = 1, 2, 4, 8 ways (tensor-parallel shard costs for the theory).
+6. shards (45 s): one 7B-shaped layer split S = 1, 2, 4, 8 ways (tensor-parallel shard costs for the theory),
+   each through the compiled layer range (`shard_ms`) and replayed as one hand-captured graph
+   (`shard_captured_ms`: whether the ~0.2 ms floor per call is gone).
 `runtime` (SmolLM2 eager vs compiled vs captured vs HF generate, and `call_floor`: the host time of one call on
 each path, eager, compiled, reduce-overhead and the captured replay; `scripts.benchmark mode=runtime`) runs when
 named in `--steps`. The budgets add up to 8 minutes, inside a 10-minute device command. The last line printed is the
