@@ -1,10 +1,11 @@
-"""The base-model runtime shared by training and every decoder.
+"""The base model shared by training and every decoder.
 
 A `Base` wraps a Hugging Face causal LM (Llama, Mistral, Qwen2/3, SmolLM: anything whose decoder
 layers take `position_embeddings` and a `Cache`) and exposes the four things PPSD needs:
 embed tokens, run a contiguous range of decoder layers [a, b) with its own KV cache, roll that cache
 back to a position, and apply the final norm + LM head. A process can load only the weights it needs
 (a pipeline stage loads its own layers), everything else stays on the meta device and costs nothing.
+How its layer ranges run (caches, compiled and captured steps) is its `runtime`'s business (heads/runtime.py).
 """
 
 from __future__ import annotations
@@ -300,7 +301,8 @@ def load_base(
 
 
 class Base:
-    """A frozen causal LM seen as: embed -> layers[0..N) -> final norm -> LM head."""
+    """A frozen causal LM seen as: embed -> layers[0..N) -> final norm -> LM head. `runtime` (heads/runtime.py)
+    decides how its layer ranges run; `set_runtime` makes a new one."""
 
     def __init__(self, model, tokenizer, name: str, folder: Path, loaded_layers: range):
         self.model = model
