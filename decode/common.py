@@ -17,7 +17,6 @@ import torch
 
 from decode.measure import acceptance, figures
 from heads.errors import UserError
-from heads.batch_invariant import MAX_ROWS
 from heads.sampling import GREEDY, Sampling, choose, make_generator, verify  # noqa: F401 (the loops' sampler)
 
 
@@ -120,12 +119,12 @@ def head_logits(base, head, lower, hidden: torch.Tensor, pos: torch.Tensor, with
     On a compiled runtime head + final norm + LM head are one captured step, like the layers before them."""
     if not (with_logits or head.needs_cache):
         return None  # an MLP head keeps no state between positions
-    runtime = lower.runtime
-    if not (runtime.compile and lower.length > hidden.shape[1] and hidden.shape[1] <= MAX_ROWS):  # prefill: eager
+    runtime, count = lower.runtime, hidden.shape[1]
+    if not runtime.compiles(lower.length - count, count):  # the layers' own rule (they have counted these positions)
         return _head_logits(base, head, hidden, pos, lower.cache, with_logits)
     step = runtime.compiled(("head", id(head), with_logits), functools.partial(_head_logits, base, head,
                                                                                with_logits=with_logits))
-    key = ("head", id(head), with_logits, hidden.shape[1], getattr(lower.cache, "max_len", 0))
+    key = ("head", id(head), with_logits, count, getattr(lower.cache, "max_len", 0))
     return runtime.call(key, step, hidden, pos, lower.cache)
 
 

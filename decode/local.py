@@ -16,20 +16,19 @@ on the same caches as AR). Sampling: the one-draft speculative rule (decode.comm
 the head. On a CPU there are no streams: the same code runs the stages one after another, which tests the
 schedule, not the overlap.
 
-On CUDA each stage's one-position step is captured by hand as a `torch.cuda.CUDAGraph` on the stage's own
-stream and memory pool (torch.compile's CUDA-graph trees assume the current stream), replayed once per tick.
+On CUDA each stage's one-position step is captured by hand (`heads.runtime.CapturedStep`) as a `torch.cuda.CUDAGraph`
+on the stage's own stream (torch.compile's CUDA-graph trees assume the current stream), replayed once per tick.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 
 import torch
 
 from decode.common import GREEDY, Generation, Sampling, choose, head_logits, make_generator, positions, verify
-from heads.runtime import cache_len_for
+from heads.runtime import CapturedStep
 
 PLACEMENTS = ("streams", "devices")
 
@@ -44,11 +43,8 @@ class Stage:
         self.device = base.device
         self.stream = stream
         self.capturable = stream is not None  # CUDA graphs need a CUDA stream
-        self.graphs: dict = {}  # cache identity -> captured graph (a new cache buffer means a new capture)
-        self.capture_s = 0.0
-        self.graph_error: str | None = None
+        self.step = CapturedStep(self._step, name=f"stage [{start}, {end})", stream=stream)
         self.range = None
-        self.runtime = None  # this stage's own runtime settings, where they differ from the base's
         d = dict(device=self.device)
         self.position = torch.zeros(1, 1, dtype=torch.long, **d)
         self.token = torch.zeros(1, 1, dtype=torch.long, **d)              # stage 0's input token
@@ -71,15 +67,23 @@ class Stage:
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     def begin(self) -> None:
-        """A new request: a fresh range over this base's (reused) static cache. On CUDA its compiled steps are
-        inductor's kernels without torch's own CUDA graphs: this stage captures its whole step itself (the base's
-        runtime, shared with AR and EESD, keeps its own settings)."""
+        """A new request: a fresh range over this base's (reused) static cache. A stage that captures its step
+        runs the range on the runtime's copy for hand-captured steps (the base's own runtime, shared with AR and
+        EESD, keeps its settings); on a CPU with `capturable` set (tests), the graphs' stand-in."""
         self.range = self.base.range(self.start, self.end)
-        if self.capturable and self.range.runtime.compile_mode == "reduce-overhead":
-            if self.runtime is None:
-                self.runtime = dataclasses.replace(self.range.runtime, compile_mode=None, captured=set(),
-                                                   functions={})
-            self.range.runtime = self.runtime
+        if self.capturable:
+            self.range.runtime = self.range.runtime.for_capture()
+        self.step.ranges, self.step.log = [self.range], self.range.runtime.log
+        self.step.graphs = ("cuda" if self.stream is not None else "host") if self.capturable else None
+
+    @property
+    def capture_s(self) -> float:
+        return self.step.capture_s
+
+    @property
+    def graph_error(self) -> str | None:
+        """Why this stage's step runs uncaptured (None: it does not)."""
+        return self.step.error
 
     @torch.inference_mode()
     def prefill(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -109,8 +113,7 @@ class Stage:
 
     def reserve(self, length: int) -> None:
         """Room for `length` positions before any step is replayed (a graph cannot grow a cache)."""
-        if self.range.runtime.static and length > self.range.cache.max_len:
-            self.range._grow(cache_len_for(length))
+        self.range.reserve(length)
 
     @torch.inference_mode()
     def run(self, position: int, previous: "Stage | None" = None, token: int | None = None) -> None:
@@ -125,12 +128,8 @@ class Stage:
             else:
                 self.token.fill_(token)
             self.position.fill_(position)
-            graph = self._graph()
-            if graph is None:
-                self._step()
-            else:
-                graph.replay()
-                self.range.length += 1  # what the step's Python would have counted
+            # a static cache's step is captured once per cache; a dynamic one grows: nothing a graph can replay
+            self.step(self.range.cache if self.range.runtime.static and self.range.length else None)
             if self.done is not None:
                 self.done.record(self.stream)
 
@@ -143,36 +142,6 @@ class Stage:
         self.draft_in.copy_(previous.draft_out, non_blocking=True)
         if self.taken is not None:
             self.taken.record(self.stream)
-
-    def _graph(self):
-        """This stage's captured step for its current cache, captured on first use. None (the step runs uncaptured)
-        on a CPU, for a prefill, on a dynamic cache (it grows by concatenation: nothing a graph can replay), and
-        after a capture failed, which is said once."""
-        if not self.capturable or not self.range.runtime.static or self.graph_error or self.range.length == 0:
-            return None
-        key = id(self.range.cache), self.range.cache.max_len
-        if key not in self.graphs:
-            begin = time.perf_counter()
-            length = self.range.length
-            try:
-                self._step()  # compiles (if compiled) and allocates outside the capture
-                self.range.crop(length)
-                graph = self._capture()
-            except Exception as e:  # noqa: BLE001 - an uncapturable step still runs, only slower
-                self.graph_error = f"{type(e).__name__}: {e}".splitlines()[0]
-                print(f"warning: stage [{self.start}, {self.end}) runs uncaptured ({self.graph_error})", flush=True)
-                self.range.crop(length)
-                return None
-            self.range.crop(length)  # the captured step's Python ran but its kernels did not; the warm-up's is undone
-            self.graphs[key] = graph
-            self.capture_s += time.perf_counter() - begin
-        return self.graphs[key]
-
-    def _capture(self):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self._step()
-        return graph
 
     def release(self, later: "Stage") -> None:
         """This stage's output buffer may be overwritten only after `later` took its copy."""

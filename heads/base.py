@@ -1,10 +1,11 @@
-"""The base-model runtime shared by training and every decoder.
+"""The base model shared by training and every decoder.
 
 A `Base` wraps a Hugging Face causal LM (Llama, Mistral, Qwen2/3, SmolLM: anything whose decoder
 layers take `position_embeddings` and a `Cache`) and exposes the four things PPSD needs:
 embed tokens, run a contiguous range of decoder layers [a, b) with its own KV cache, roll that cache
 back to a position, and apply the final norm + LM head. A process can load only the weights it needs
 (a pipeline stage loads its own layers), everything else stays on the meta device and costs nothing.
+How its layer ranges run (caches, compiled and captured steps) is its `runtime`'s business (heads/runtime.py).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from heads import batch_invariant
+from heads.cache import StaticKV, static_mask
 from heads.errors import UserError
 from heads.files import atomic_folder, atomic_write_json, writable_cache
-from heads.runtime import LayerRange, RuntimeSettings, StaticKV, static_mask, supports_static
+from heads.runtime import LayerRange, Runtime
 
 DEFAULT_MODEL = "smollm2"
 
@@ -299,7 +301,8 @@ def load_base(
 
 
 class Base:
-    """A frozen causal LM seen as: embed -> layers[0..N) -> final norm -> LM head."""
+    """A frozen causal LM seen as: embed -> layers[0..N) -> final norm -> LM head. `runtime` (heads/runtime.py)
+    decides how its layer ranges run; `set_runtime` makes a new one."""
 
     def __init__(self, model, tokenizer, name: str, folder: Path, loaded_layers: range):
         self.model = model
@@ -318,43 +321,23 @@ class Base:
         # read once: a getattr with a default on a layer inside a compiled step breaks dynamo on torch 2.8
         self.attention_types = [getattr(layer, "attention_type", "full_attention") for layer in self.layers]
         self.layer_cache_kwarg = cache_kwarg(type(self.layers[0]).forward)
-        self.runtime = RuntimeSettings()
+        self.runtime = Runtime(self)  # how its layer ranges run: eager until set_runtime says otherwise
         self._identity = None
-        self._static_caches: dict[tuple[int, int, int], StaticKV] = {}  # (start, end, rows) -> cache
 
     def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
                     rows: int = 0) -> str:
-        """Run layer ranges on compiled steps (which imply static caches), static caches alone, or eager; returns
-        a line saying which. compile_mode auto: CUDA graphs ("reduce-overhead") on a GPU, inductor's default on
-        a CPU. With batch-invariant kernels the compiled steps are padded to `rows` positions (at least the
-        longest decode step: EESD's γ + 1); without `rows`, or static without compile, they stay eager, as do
-        sliding-window models."""
-        if compile_mode == "auto":
-            compile_mode = "reduce-overhead" if self.device.type == "cuda" else None
-        ok, why = supports_static(self.config)
-        note = ""
-        if (static or compile) and not ok:
-            static = compile = False
-            note = f"eager ({why}: static caches are not supported)"
-        elif (static or compile) and self.batch_invariant and not (compile and rows > 0):
-            static = compile = False
-            note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
-        static = static or compile
-        self.runtime = RuntimeSettings(static=static, compile=compile, compile_mode=compile_mode,
-                                       cpu=self.device.type == "cpu",
-                                       rows=rows if compile and self.batch_invariant else 0)
-        self._static_caches.clear()
+        """Run layer ranges on compiled steps (which imply static caches), static caches alone, or eager
+        (`Runtime.for_base` says which this base allows); returns a line saying which. The new runtime starts
+        with new caches and no captured graph."""
+        self.runtime, note = Runtime.for_base(self, compile=compile, static=static, compile_mode=compile_mode,
+                                              rows=rows)
         batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)
         return note or self.runtime.describe()
 
-    def static_cache(self, start: int, end: int, max_len: int, *, rows: int = 1) -> StaticKV:
-        """The static cache of layer range [start, end) for `rows` sequences, holding at least `max_len`
-        positions: made once and reused (a new buffer would mean a new capture), emptied here."""
-        cache = self._static_caches.get((start, end, rows))
-        if cache is None or cache.max_len < max_len:
-            cache = self._static_caches[(start, end, rows)] = StaticKV(self.num_layers, max_len)
-        cache.set_length(0, range(start, end))
-        return cache
+    @property
+    def _static_caches(self) -> dict:
+        """The runtime's cache pool (train/data.py keeps its continuous batch's cache there)."""
+        return self.runtime.caches
 
     def next_token_logits(self, token_ids, position_ids, cache, attention_mask=None) -> torch.Tensor:
         """Every layer on (B, T) tokens, then the LM head on the last position: (B, vocab)."""
@@ -420,19 +403,6 @@ class Base:
         for layer, kind in zip(self.layers[start:end], self.attention_types[start:end]):
             hidden = layer(hidden, attention_mask=masks[kind], **kwargs)
         return hidden
-
-    def run_layers_padded(self, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):
-        """run_layers on static caches for a compiled step; with `rows`, padded to that many positions (zero hidden
-        states at the following positions), then the cache length is moved back past the real ones."""
-        pad = rows - hidden.shape[1]
-        if pad <= 0:
-            return self.run_layers(hidden, start, end, position_ids=position_ids, cache=cache)
-        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
-        more = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
-        out = self.run_layers(hidden, start, end, position_ids=torch.cat([position_ids, more], 1), cache=cache)
-        for layer in cache.layers[start:end]:
-            layer.cumulative_length.sub_(pad)
-        return out[:, :rows - pad]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head."""

@@ -1,6 +1,9 @@
-"""The stage runtime every decoder runs on: a range of decoder layers with its own KV cache.
+"""The stage runtime every decoder runs on: how a base's layer ranges run, and the ranges themselves.
 
-Two ways to run a range, with the same layers (transformers' own modules) and the same tokens:
+`Runtime` (one per `Base`, made by `Base.set_runtime`) owns everything that decides how a range of decoder
+layers runs: the static caches, the compile policy (mode and options), the padding rows, and the one rule for
+"this call is a compiled step". Two ways to run a range, with the same layers (transformers' own modules) and
+the same tokens:
 - eager: a `DynamicCache` that grows per call and is cropped on a rollback;
 - static: a preallocated cache (transformers' `StaticLayer`s), a rollback only moves a length, and the
   attention mask follows that length; with `compile`, each fixed-shape step (1 position, or k ≤ 16
@@ -11,7 +14,12 @@ Two ways to run a range, with the same layers (transformers' own modules) and th
   verify pass against AR's one-position steps) while every step stays a captured graph. The padding writes
   cache slots past the real length, which no real query sees and the next real positions overwrite.
 
-The static cache of a layer range belongs to the `Base` and is reused by every `LayerRange` made for it, so
+A decode loop's whole step (greedy AR's embed → layers → LM head → argmax; a PPSD stage's step) can also be
+captured by hand as one `torch.cuda.CUDAGraph` from fixed input buffers to fixed output buffers (`CapturedStep`):
+one replay per step, a few µs of host work, no guards and no output clone. On a CPU the same code runs the
+step directly.
+
+The static cache of a layer range belongs to the runtime and is reused by every `LayerRange` made for it, so
 a compiled graph sees the same buffers from one prompt to the next (a new buffer would mean a new capture).
 One `LayerRange` per (start, end) is live at a time: making a new one resets the shared cache.
 """
@@ -20,18 +28,18 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache
 
-from heads.compat import configure_compiler, guard_filter, mark_static, mode_options, static_layer_supported
+from heads.cache import MIN_CACHE_LEN, SlotKV, StaticKV, cache_len_for, static_mask, supports_static  # noqa: F401
+from heads.compat import configure_compiler, guard_filter, mode_options
 
 from heads.batch_invariant import MAX_ROWS  # decode steps of at most this many positions run compiled, longer ones eager
 from heads.hardware import torch_threads
 
-MIN_CACHE_LEN = 256
+GRAPHS = ("cuda", "host")  # what a CapturedStep replays: CUDA graphs, or their stand-in on a CPU (tests)
 
 
 def one_thread():
@@ -42,11 +50,6 @@ def one_thread():
     return torch_threads(1)
 
 
-def cache_len_for(length: int) -> int:
-    """Cache capacity for `length` positions: the next power of two (so a longer prompt rarely recaptures)."""
-    return max(MIN_CACHE_LEN, 1 << max(0, length - 1).bit_length())
-
-
 def compile_step(fn, mode: str | None, cpu: bool = False):
     """`fn` compiled for fixed shapes. Guards on the layers' weights would be re-checked on every call (most of
     a step's host time); a base's weights never change, so only the arguments are guarded (where torch can
@@ -54,7 +57,7 @@ def compile_step(fn, mode: str | None, cpu: bool = False):
     one thread, so their bits cannot depend on a process's thread count (AR and the PPSD stages run with
     different counts). A precaution: the divergence actually measured came from the prefill's GEMMs
     (`one_thread`); GEMMs and attention here are library calls that still use every thread."""
-    configure_compiler()
+    configure_compiler()  # process-wide settings: the first call sets them, later ones return at once
     # torch.compile refuses `mode` and `options` together: a mode is its inductor options, folded in here
     options = mode_options(mode)
     if guard_filter() is not None:
@@ -64,29 +67,126 @@ def compile_step(fn, mode: str | None, cpu: bool = False):
     return torch.compile(fn, dynamic=False, options=options)
 
 
-@dataclass
-class RuntimeSettings:
-    """How a base's layer ranges run: `static` caches, `compile`d steps (implies static)."""
+def run_padded(base, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):
+    """`base.run_layers` on a static cache, as a compiled step runs it: with `rows`, padded to that many positions
+    (zero hidden states at the following positions), then the cache length is moved back past the real ones."""
+    pad = rows - hidden.shape[1]
+    if pad <= 0:
+        return base.run_layers(hidden, start, end, position_ids=position_ids, cache=cache)
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
+    more = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
+    out = base.run_layers(hidden, start, end, position_ids=torch.cat([position_ids, more], 1), cache=cache)
+    for layer in cache.layers[start:end]:
+        layer.cumulative_length.sub_(pad)
+    return out[:, :rows - pad]
 
-    static: bool = False
-    compile: bool = False
-    compile_mode: str | None = None           # torch.compile mode (None: inductor's default)
-    cpu: bool = False                         # the base runs on a CPU (inductor's C++ kernels)
-    rows: int = 0                             # > 0: every compiled step padded to this many positions
-    capture_s: float = 0.0                    # time spent compiling/capturing so far
-    captured: set = field(default_factory=set)
-    functions: dict = field(default_factory=dict)
+
+class CaptureLog:
+    """Every shape a runtime compiled or captured (`keys`) and the seconds spent doing so: shared by a runtime
+    and its hand-capture copy, and written by the steps captured on it."""
+
+    def __init__(self):
+        self.keys: set = set()
+        self.seconds = 0.0
+
+    def add(self, key, seconds: float) -> None:
+        self.keys.add(key)
+        self.seconds += seconds
+
+
+class Runtime:
+    """How a base's layer ranges run: `static` caches (owned here, one per range and row count), `compile`d steps
+    (imply static) in `compile_mode`, padded to `rows` positions (> 0: batch-invariant compiled steps).
+    `step_graphs`: greedy AR replays its whole step as one hand-captured CUDA graph (`CapturedStep`); off, it calls
+    the compiled layer range (torch's own graphs) per token. (PPSD stages on CUDA always capture their step.)"""
+
+    def __init__(self, base=None, *, static: bool = False, compile: bool = False, compile_mode: str | None = None,
+                 rows: int = 0, caches: dict | None = None, log: CaptureLog | None = None):
+        self.base = base
+        self.static = static or compile
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.cpu = base is not None and base.device.type == "cpu"
+        self.rows = rows
+        self.step_graphs = True
+        self.caches: dict[tuple[int, int, int], StaticKV] = {} if caches is None else caches
+        self.log = log or CaptureLog()
+        self.functions: dict = {}   # name -> compiled function
+        self.steps: dict = {}       # name -> a decode loop's captured step (made once per runtime)
+        self._for_capture: Runtime | None = None
+
+    @classmethod
+    def for_base(cls, base, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
+                 rows: int = 0) -> tuple["Runtime", str]:
+        """The runtime asked for, as far as `base` allows it, and a note when it fell back to eager. compile_mode
+        auto: CUDA graphs ("reduce-overhead") on a GPU, inductor's default on a CPU. With batch-invariant kernels
+        the compiled steps are padded to `rows` positions; without `rows`, or static without compile, they stay
+        eager, as do sliding-window models."""
+        if compile_mode == "auto":
+            compile_mode = "reduce-overhead" if base.device.type == "cuda" else None
+        ok, why = supports_static(base.config)
+        note = ""
+        if (static or compile) and not ok:
+            static = compile = False
+            note = f"eager ({why}: static caches are not supported)"
+        elif (static or compile) and base.batch_invariant and not (compile and rows > 0):
+            static = compile = False
+            note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
+        runtime = cls(base, static=static, compile=compile, compile_mode=compile_mode,
+                      rows=rows if compile and base.batch_invariant else 0)
+        return runtime, note
 
     def describe(self) -> str:
         if self.compile:
             return f"compiled static, steps padded to {self.rows} positions" if self.rows else "compiled static"
         return "static" if self.static else "eager"
 
+    @property
+    def capture_s(self) -> float:
+        """Seconds spent compiling and capturing so far."""
+        return self.log.seconds
+
+    @property
+    def captured(self) -> set:
+        """Every shape compiled or captured so far."""
+        return self.log.keys
+
     @functools.cached_property
     def cuda_graphs(self) -> bool:
         """The compile mode replays CUDA graphs (reduce-overhead, max-autotune), whose outputs the next replay
         overwrites."""
         return bool(self.compile_mode and mode_options(self.compile_mode).get("triton.cudagraphs"))
+
+    def for_capture(self) -> "Runtime":
+        """This runtime for steps captured by hand (`CapturedStep`): torch's own CUDA-graph trees assume the
+        current stream and cannot run inside another capture, so here the compiled steps are inductor's kernels
+        alone. The same caches and capture log, its own compiled functions; one per runtime."""
+        if not self.cuda_graphs:
+            return self
+        if self._for_capture is None:
+            self._for_capture = Runtime(self.base, static=self.static, compile=self.compile, compile_mode=None,
+                                        rows=self.rows, caches=self.caches, log=self.log)
+        return self._for_capture
+
+    # ---- caches --------------------------------------------------------------------------------------
+
+    def cache(self, start: int, end: int, max_len: int, *, rows: int = 1) -> "StaticKV":
+        """The static cache of layer range [start, end) for `rows` sequences, holding at least `max_len`
+        positions: made once and reused (a new buffer would mean a new capture), emptied here."""
+        cache = self.caches.get((start, end, rows))
+        if cache is None or cache.max_len < max_len:
+            cache = self.caches[(start, end, rows)] = StaticKV(self.base.num_layers, max_len)
+        cache.set_length(0, range(start, end))
+        return cache
+
+    # ---- compiled steps ------------------------------------------------------------------------------
+
+    def compiles(self, held: int, count: int) -> bool:
+        """Whether a call of `count` positions on a cache that held `held` before it is a compiled step. A prefill
+        (the first call after a reset) runs eager whatever its length: every method and stage then prefills alike,
+        and a cache is first filled outside a graph (transformers' advice for CUDA graphs). A step longer than the
+        padded row count (or MAX_ROWS) runs eager too."""
+        return self.compile and held > 0 and count <= (self.rows or MAX_ROWS)
 
     def compiled(self, name, fn):
         """`fn` compiled for fixed shapes, once per name for this runtime."""
@@ -97,7 +197,7 @@ class RuntimeSettings:
     def call(self, key, fn, *args, **kwargs):
         """Run a compiled step; the first call of a shape `key` compiles (on CUDA, records a graph) and is
         counted as capture time."""
-        first = key not in self.captured
+        first = key not in self.log.keys
         begin = time.perf_counter()
         out = fn(*args, **kwargs)
         if self.cuda_graphs and out is not None:
@@ -105,125 +205,152 @@ class RuntimeSettings:
         if first:
             if out is not None and out.device.type == "cuda":
                 torch.cuda.synchronize(out.device)
-            self.capture_s += time.perf_counter() - begin
-            self.captured.add(key)
+            self.log.add(key, time.perf_counter() - begin)
         return out
 
+    def run(self, r: "LayerRange", hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One call of layer range `r`: eager on its dynamic cache, or on its static cache, eager or as a compiled
+        (padded) step; the range counts the positions."""
+        if not self.static:
+            return self.base.run_layers(hidden, r.start, r.end, position_ids=position_ids, cache=r.cache)
+        count = hidden.shape[1]
+        compiled = self.compiles(r.length, count)
+        if r.length + max(count, self.rows if compiled else 0) > r.cache.max_len:
+            r._grow(r.length + max(count, self.rows))
+        if not compiled:
+            return self.base.run_layers(hidden, r.start, r.end, position_ids=position_ids, cache=r.cache)
+        if "run_layers" not in self.functions:
+            self.compiled("run_layers", functools.partial(run_padded, self.base))
+        key = (r.start, r.end, count, r.cache.max_len)
+        return self.call(key, self.functions["run_layers"], hidden, r.start, r.end, position_ids=position_ids,
+                         cache=r.cache, rows=self.rows)
 
-def supports_static(config) -> tuple[bool, str]:
-    """Whether this base can run on static caches: every attention layer must be full attention (a sliding
-    window cache is a ring buffer a rollback cannot move back) and transformers' static layers must keep their
-    length in a tensor."""
-    ok, why = static_layer_supported()
-    if not ok:
-        return False, why
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
-        return False, f"{config.model_type} uses sliding-window attention"
-    if any(t not in ("full_attention",) for t in layer_types):
-        return False, f"{config.model_type} has layer types {sorted(set(layer_types))}"
-    return True, ""
-
-
-class StaticKV(Cache):
-    """transformers' static layers for a base's N layers + one slot for a transformer exit head, allocated
-    on first use with the batch, heads, dtype and device of what is written."""
-
-    def __init__(self, num_layers: int, max_len: int):
-        from transformers.cache_utils import StaticLayer  # present where static_layer_supported() says so
-
-        super().__init__(layers=[StaticLayer(max_cache_len=max_len) for _ in range(num_layers + 1)])
-        self.max_len = max_len
-
-    @torch.inference_mode()  # the buffers are inference tensors when a decoder allocated them
-    def set_length(self, length: int, layers: range) -> None:
-        """Positions [0, length) are valid in `layers` (and the head slot): a rollback, or a reset to 0."""
-        for i in [*layers, len(self.layers) - 1]:
-            layer = self.layers[i]
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(length)  # in place: a compiled graph holds this tensor's address
+    def step(self, name: str, make: Callable[[], "CapturedStep"]):
+        """A decode loop's captured step, made once per runtime (its graphs are reused from one request to the
+        next) by `make()`."""
+        if name not in self.steps:
+            self.steps[name] = make()
+        return self.steps[name]
 
 
-class SlotKV(StaticKV):
-    """A static cache whose rows are independent sequences (continuous batching): row b writes its next
-    positions at its own columns `columns[b]`, so a finished row is refilled with a new prompt (copied into
-    columns [0, length)) while the others go on, and every step keeps one shape. A query sees its row's
-    columns up to its own (the caller's mask); columns past it hold stale values no query sees."""
+class HostGraph:
+    """A CUDA graph's stand-in on a CPU (tests, and the captured path's host cost there): its replay runs the
+    step's kernels, and like a real replay none of its host bookkeeping (the lengths of the step's current ranges)."""
 
-    def __init__(self, num_layers: int, max_len: int, rows: int, device):
-        super().__init__(num_layers, max_len)
-        self.columns = torch.zeros(rows, 1, dtype=torch.long, device=device)  # in place: a graph holds its address
-        self.row_index = torch.arange(rows, device=device)[:, None]
-        mark_static(self.columns)
-        mark_static(self.row_index)
+    def __init__(self, step: "CapturedStep"):
+        self.step = step
 
-    def allocate(self, heads: int, head_dim: int, dtype, device) -> None:
-        """Every layer's buffers, before a prefill is copied in."""
-        example = torch.zeros(len(self.columns), heads, 1, head_dim, dtype=dtype, device=device)
-        for layer in self.layers[:-1]:
-            if not layer.is_initialized:
-                layer.lazy_initialization(example, example)
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-        # (B, H, T, D) written at (row b, column columns[b] + t): advanced indices first, so (B, T, H, D)
-        columns = self.columns + torch.arange(key_states.shape[2], device=self.columns.device)
-        layer.keys[self.row_index, :, columns] = key_states.transpose(1, 2)
-        layer.values[self.row_index, :, columns] = value_states.transpose(1, 2)
-        return layer.keys, layer.values
+    def replay(self) -> None:
+        lengths = [r.length for r in self.step.ranges]
+        self.step.fn()
+        for r, length in zip(self.step.ranges, lengths):
+            r.length = length
 
 
-def static_mask(position_ids: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B, 1, T, max_len) bool: query at position p sees cache slots [0, p]; slots past the length are stale."""
-    slots = torch.arange(max_len, device=position_ids.device)
-    return slots[None, None, None, :] <= position_ids[:, None, :, None]
+class CapturedStep:
+    """One decode step from fixed input buffers to fixed output buffers, replayed as a graph captured by hand
+    (`torch.cuda.CUDAGraph`, compiled without torch's own graph trees: `Runtime.for_capture`): one replay per
+    step, no guards, no output clone. `fn()` reads its inputs from buffers and writes its outputs to others, never
+    to its inputs, so the warm-up, the capture and the first replay can all run at one position.
+
+    A graph is captured on the first call of each `key` (the cache it writes: a new buffer means a new capture),
+    after a warm-up run that compiles and allocates outside the capture. A replay runs kernels only: the ranges'
+    host lengths are moved here by what the warm-up moved them. `graphs`: "cuda", "host" (`HostGraph`, the
+    stand-in on a CPU), or None (`fn` runs directly: a CPU). A failed capture is said once; the step then runs
+    directly."""
+
+    def __init__(self, fn: Callable[[], None], *, name: str, graphs: str | None = None, stream=None,
+                 log: CaptureLog | None = None):
+        if graphs not in (None, *GRAPHS):
+            raise ValueError(f"graphs={graphs!r}: one of {GRAPHS} or None")
+        self.fn, self.name, self.graphs, self.stream, self.log = fn, name, graphs, stream, log
+        self.ranges: list = []   # the layer ranges `fn` runs (set per request: a new range over the same cache)
+        self.captures: dict = {}  # key -> (graph, how far each range moved)
+        self.capture_s = 0.0
+        self.error: str | None = None
+
+    def __call__(self, key: Hashable | None = None) -> None:
+        """Run the step: replay its graph for `key`, capturing it first; key None (a prefill, a dynamic cache),
+        no graphs or a failed capture: `fn` directly."""
+        captured = self._captured(key) if key is not None and self.graphs and self.error is None else None
+        if captured is None:
+            self.fn()
+            return
+        graph, moves = captured
+        graph.replay()
+        for r, move in zip(self.ranges, moves):
+            r.length += move  # what the step's Python would have counted
+
+    def _captured(self, key):
+        if key in self.captures:
+            return self.captures[key]
+        begin = time.perf_counter()
+        logged = self.log.seconds if self.log is not None else 0.0  # the compiles inside log their own time
+        lengths = [r.length for r in self.ranges]
+        try:
+            self.fn()  # compiles (if compiled) and allocates outside the capture
+            moves = [r.length - n for r, n in zip(self.ranges, lengths)]
+            self._rewind(lengths)
+            graph = self._capture()
+        except Exception as e:  # noqa: BLE001 - an uncapturable step still runs, only slower
+            self.error = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"warning: {self.name} runs uncaptured ({self.error})", flush=True)
+            self._rewind(lengths)
+            return None
+        self._rewind(lengths)  # the capture's Python ran but its kernels did not; the warm-up's is undone
+        self.captures[key] = graph, moves
+        seconds = time.perf_counter() - begin
+        self.capture_s += seconds
+        if self.log is not None:
+            self.log.add(("graph", self.name, getattr(key, "max_len", None)), seconds - (self.log.seconds - logged))
+        return self.captures[key]
+
+    def _rewind(self, lengths: list[int]) -> None:
+        for r, length in zip(self.ranges, lengths):
+            r.crop(length)
+
+    def _capture(self):
+        if self.graphs == "host":
+            self.fn()  # what a capture does on the host: the step's Python runs (its lengths are rewound after)
+            return HostGraph(self)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self.fn()
+        return graph
 
 
 class LayerRange:
-    """Layers [start, end) of a base with their own KV cache: the unit every stage and decoder runs."""
+    """Layers [start, end) of a base with their own KV cache: the unit every stage and decoder runs. How a call
+    runs (eager, static, compiled, padded) is its runtime's decision."""
 
     def __init__(self, base, start: int, end: int):
         self.base, self.start, self.end = base, start, end
-        self.runtime: RuntimeSettings = base.runtime
+        self.runtime: Runtime = base.runtime
         self.length = 0  # positions held in this range's cache
-        self.cache = base.static_cache(start, end, MIN_CACHE_LEN) if self.runtime.static else DynamicCache()
+        self.cache = self.runtime.cache(start, end, MIN_CACHE_LEN) if self.runtime.static else DynamicCache()
 
     @torch.inference_mode()  # one grad mode for every call: a compiled graph is captured for one
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Run the layers on hidden (B, T, H) at positions `position_ids` (B, T), which must continue the cache."""
         if hidden.shape[1] > MAX_ROWS and hidden.device.type == "cpu":
             with one_thread():  # a prefill: the same bits in every process, whatever its thread count
-                return self._forward(hidden, position_ids)
-        return self._forward(hidden, position_ids)
-
-    def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        count = hidden.shape[1]
-        if not self.runtime.static:
-            out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
+                out = self.runtime.run(self, hidden, position_ids)
         else:
-            rows = self.runtime.rows
-            # A prefill (the first call after a reset) runs eager whatever its length: every method and stage then
-            # prefills alike, and a cache is first filled outside a graph (transformers' advice for CUDA graphs).
-            compiled = self.runtime.compile and self.length > 0 and count <= (rows or MAX_ROWS)
-            if self.length + max(count, rows if compiled else 0) > self.cache.max_len:
-                self._grow(self.length + max(count, rows))
-            if compiled:
-                key = (self.start, self.end, count, self.cache.max_len)
-                step = self.runtime.compiled("run_layers", self.base.run_layers_padded)
-                out = self.runtime.call(key, step, hidden, self.start, self.end, position_ids=position_ids,
-                                        cache=self.cache, rows=rows)
-            else:
-                out = self.base.run_layers(hidden, self.start, self.end, position_ids=position_ids, cache=self.cache)
-        self.length += count
+            out = self.runtime.run(self, hidden, position_ids)
+        self.length += hidden.shape[1]
         return out
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions, and a padded step's rows past them, before a captured step is replayed
+        (a graph cannot grow a cache)."""
+        if self.runtime.static and length + self.runtime.rows > self.cache.max_len:
+            self._grow(length + self.runtime.rows)
 
     @torch.inference_mode()
     def _grow(self, length: int) -> None:
         """A longer sequence than the cache holds: a bigger cache (and new captures), the valid part copied."""
         old = self.cache
-        self.cache = self.base.static_cache(self.start, self.end, cache_len_for(length))
+        self.cache = self.runtime.cache(self.start, self.end, cache_len_for(length))
         for i in [*range(self.start, self.end), len(old.layers) - 1]:
             src, dst = old.layers[i], self.cache.layers[i]
             if src.is_initialized:

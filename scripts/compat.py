@@ -25,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_runtime_compat.py", "tests/test_decode.py",
-                 "tests/test_decode_bf16.py"]
+DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_runtime_compat.py", "tests/test_runtime_steps.py",
+                 "tests/test_decode.py", "tests/test_decode_bf16.py"]
 # What the runtime and decode tests import besides torch and transformers (DeepSpeed and wandb are train-only).
 TEST_PACKAGES = ["accelerate", "safetensors", "huggingface_hub", "hydra-core", "omegaconf", "numpy", "tqdm", "gguf",
                  "pytest", "tokenizers", "sentencepiece", "protobuf", "jinja2"]

@@ -6,8 +6,10 @@
 
 In order, each as its own subprocess with its own time budget (a crash or hang in one is recorded as its
 error and the next still runs; later steps get what is left of --time-limit):
-1. runtime7b (150 s): a whole Llama-7B-shaped model, random bf16 weights made on the GPU: compiled AR step,
-   γ + 1-position verify step, capture time, bound (scripts/runtime_bench.py --model 7b);
+1. runtime7b (150 s): a whole Llama-7B-shaped model, random bf16 weights made on the GPU: the AR step captured
+   by hand as one CUDA graph (`ar_captured_ms`, `captured_capture_s`, `captured_over_bound`) beside the compiled
+   layer range's step through torch's graph trees, reduce-overhead (`ar_ms`, `ar_over_bound`), γ + 1-position
+   verify step, capture time, bound (scripts/runtime_bench.py --model 7b);
 2. teacher (75 s): teacher generation as training runs it (default prompts, compiled, continuous batch):
    greedy and sampled tokens/s, capture included;
 3. train (120 s): `python -m train` (the default training), its last JSON line (head_path, held-out α, timings);
@@ -18,9 +20,12 @@ error and the next still runs; later steps get what is left of --time-limit):
    hand-off; then decode_eesd (45 s): EESD against AR (bf16: batch-invariant, padded steps), losslessness and
    speed; `placements` sums up PPSD per placement and the loop's AR ms/token against the AR step inside it;
 5. benchmark (45 s): `python -m scripts.benchmark mode=oracle`: measured vs predicted speedups at fixed α;
-6. shards (45 s): one 7B-shaped layer split S = 1, 2, 4, 8 ways (tensor-parallel shard costs for the theory).
-`runtime` (SmolLM2 eager vs compiled vs HF generate, `scripts.benchmark mode=runtime`) runs when named in
-`--steps`. The budgets add up to 8 minutes, inside a 10-minute device command. The last line printed is the
+6. shards (45 s): one 7B-shaped layer split S = 1, 2, 4, 8 ways (tensor-parallel shard costs for the theory),
+   each through the compiled layer range (`shard_ms`) and replayed as one hand-captured graph
+   (`shard_captured_ms`: whether the ~0.2 ms floor per call is gone).
+`runtime` (SmolLM2 eager vs compiled vs captured vs HF generate, and `call_floor`: the host time of one call on
+each path, eager, compiled, reduce-overhead and the captured replay; `scripts.benchmark mode=runtime`) runs when
+named in `--steps`. The budgets add up to 8 minutes, inside a 10-minute device command. The last line printed is the
 JSON object; every step's full output is kept in `--out-dir`.
 """
 

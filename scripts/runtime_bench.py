@@ -7,18 +7,25 @@
 
 1. Host overhead per layer per token: a tiny random Llama (compute ≈ 0) at the base's depth and at 2 layers;
    (t_depth - t_2) / (depth - 2) leaves out the embedding, LM head and token choice. Eager vs compiled static.
-2. The base (SmolLM2 by default) AR ms/token: eager, compiled static, HF `generate` (greedy, same weights, dtype and threads), and the
-   memory-bandwidth bound for its weights (their bytes / a timed copy's bandwidth).
+   Then the floor of one call per path (`call_floor`, scripts/overhead.py): a one-layer range call and the whole
+   AR step, eager, compiled, reduce-overhead (CUDA) and captured (one hand-captured graph replayed per step; on
+   a CPU, the compiled step called directly).
+2. The base (SmolLM2 by default) AR ms/token: eager, compiled static (`compiled`: the layer range's compiled step
+   per token, CUDA graphs through torch's graph trees on a GPU), captured (the whole step one hand-captured graph,
+   `captured`), HF `generate` (greedy, same weights, dtype and threads), and the memory-bandwidth bound for its
+   weights (their bytes / a timed copy's bandwidth).
 3. With --head: EESD with the trained head vs HF's `assistant_early_exit` at the same layer.
 4. With --gen-rows B: teacher generation (training data) tokens/s at batch B, eager vs compiled, on the
    project's own prompts (greedy, 128 new tokens).
 5. One Llama-7B-shaped decoder layer (random bf16 weights, 256 cached positions): a step of 1 and of 8 positions,
-   eager vs compiled, against its weights' bytes at the copy bandwidth (--layer-7b; meant for a GPU).
+   eager vs compiled vs captured, against its weights' bytes at the copy bandwidth (--layer-7b; meant for a GPU).
 6. --model 7b: a whole Llama-7B-shaped model (32 layers, random bf16 weights made on the device, no download),
-   compiled: the AR step, a γ + 1-position verify step, the capture time and the bound (its weights' bytes at
+   compiled: the AR step captured by hand (`ar_captured_ms`, its capture `captured_capture_s`) and through the
+   compiled layer range (`ar_ms`), a γ + 1-position verify step, the capture time and the bound (its weights' bytes at
    --bandwidth-gb-s, or at a measured copy's bandwidth). Any shape size can be overridden (--hidden ...).
 7. --shards 1,2,4,8: tensor-parallel AR's per-layer cost, measured on one device: one compiled 7B-shaped layer
-   with its heads and MLP split S ways, plus two all-reduces per layer at --allreduce-ms (stated, not measured).
+   with its heads and MLP split S ways (`shard_ms`; `shard_captured_ms`: the same call replayed as one
+   hand-captured graph), plus two all-reduces per layer at --allreduce-ms (stated, not measured).
 8. --teacher-prompts N: teacher generation as training runs it (default prompts, compiled, continuous batch):
    greedy and sampled tokens/s, capture included.
 Compiling is paid once per process and printed (capture_s). The last line is the figures as one JSON object.
@@ -41,7 +48,7 @@ from decode.common import run_to_end
 from decode.eesd import eesd_decode
 from heads import UserError, load_base, load_head
 from heads.files import read_prompts
-from scripts.overhead import tiny_model
+from scripts.overhead import call_floor, captured_call, tiny_model
 
 PROMPT = list(range(100, 120))
 
@@ -56,8 +63,11 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ar_ms(base, tokens: int, repeats: int = 3) -> float:
-    """Mean AR decode step (prefill excluded), best of `repeats`, after a warm-up that captures the graphs."""
+def ar_ms(base, tokens: int, repeats: int = 3, captured: bool = False) -> float:
+    """Mean AR decode step (prefill excluded), best of `repeats`, after a warm-up that captures the graphs.
+    captured: the whole step replayed as one hand-captured graph (on a CPU: run directly); else the compiled layer
+    range called per token."""
+    base.runtime.step_graphs = captured
     with torch.inference_mode():
         run_to_end(ar_decode(base, PROMPT, 8))
         return min(run_to_end(ar_decode(base, PROMPT, tokens)).stats["token_s"] for _ in range(repeats)) * 1e3
@@ -200,6 +210,11 @@ def model_7b(device, shape: Shape = Shape(), *, tokens: int = 32, gamma: int = 4
             "bound_ms": round(weight_bytes / (bandwidth_gb_s * 1e9) * 1e3, 4)}
     base.set_runtime(compile=True)
     out["runtime"] = base.runtime.describe()
+    # the captured step first: the figure that says whether the per-call floor is gone
+    out["ar_captured_ms"] = round(ar_ms(base, tokens, repeats=3, captured=True), 4)
+    out["captured_capture_s"] = round(base.runtime.capture_s, 1)
+    out["captured_over_bound"] = round(out["ar_captured_ms"] / out["bound_ms"], 2)
+    print(json.dumps({"model_7b": out}), flush=True)  # what a caller keeps if its time budget ends here
     out["ar_ms"] = round(ar_ms(base, tokens, repeats=3), 4)
     out[f"verify_{gamma + 1}_ms"] = round(verify_ms(base, gamma + 1, repeats), 4)
     out["capture_s"] = round(base.runtime.capture_s, 1)
@@ -210,17 +225,19 @@ def model_7b(device, shape: Shape = Shape(), *, tokens: int = 32, gamma: int = 4
     return out
 
 
-def layer_step_ms(base, count: int, cached: int, repeats: int) -> float:
-    """One layer range call of `count` positions after `cached` positions, rolled back after each."""
+def layer_step_ms(base, count: int, cached: int, repeats: int, captured: bool = False) -> float:
+    """One layer range call of `count` positions after `cached` positions, rolled back after each. captured: from
+    fixed buffers, one replay of a hand-captured graph per call (on a CPU the compiled step called directly)."""
     device, hidden = base.device, base.hidden_size
     r = base.range(0, base.num_layers)
     with torch.inference_mode():
         r.forward(torch.randn(1, cached, hidden, device=device, dtype=base.dtype), torch.arange(cached, device=device)[None])
         x = torch.randn(1, count, hidden, device=device, dtype=base.dtype)
         pos = torch.arange(cached, cached + count, device=device)[None]
+        call = captured_call(r, x, pos) if captured else (lambda: r.forward(x, pos))
 
         def step():
-            r.forward(x, pos)
+            call()
             r.crop(cached)
 
         step()  # capture
@@ -228,14 +245,15 @@ def layer_step_ms(base, count: int, cached: int, repeats: int) -> float:
 
 
 def layer_7b(device, repeats: int = 50, shape: Shape = Shape()) -> dict:
-    """One Llama-7B-shaped layer on 256 cached positions: ms per step of 1 and 8 positions, eager vs compiled."""
+    """One Llama-7B-shaped layer on 256 cached positions: ms per step of 1 and 8 positions, eager vs compiled (the
+    layer range's compiled step) vs captured (one hand-captured graph replayed per call)."""
     base = random_llama(replace(shape, layers=1, vocab=32), device)
     weight_bytes = unique_bytes(base.model.model.layers.parameters())
     out = {"bound_ms": round(weight_bytes / copy_bandwidth(device) * 1e3, 4)}
-    for mode in ("eager", "compiled"):
-        base.set_runtime(compile=mode == "compiled")
+    for mode in ("eager", "compiled", "captured"):
+        base.set_runtime(compile=mode != "eager")
         for count in (1, 8):
-            out[f"{mode}_{count}_ms"] = round(layer_step_ms(base, count, 256, repeats), 4)
+            out[f"{mode}_{count}_ms"] = round(layer_step_ms(base, count, 256, repeats, captured=mode == "captured"), 4)
     return out
 
 
@@ -244,12 +262,15 @@ def tp_shards(device, shards=(1, 2, 4, 8), repeats: int = 50, shape: Shape = Sha
     """Tensor-parallel AR's per-layer cost on S devices, measured on one: one compiled layer whose heads and MLP
     are split S ways (what each device runs), 1 position after 256 cached, per S; plus the two all-reduces of
     a hidden state per layer, which one device cannot measure: `allreduce_ms` is stated, and said so."""
-    out = {"shard_ms": {}, "weights_mb": {}}
+    out = {"shard_ms": {}, "weights_mb": {}, "shard_captured_ms": {}}
     for ways in shards:
         base = random_llama(replace(shape.shard(ways), layers=1, vocab=32), device)
         base.set_runtime(compile=True)
         out["weights_mb"][ways] = round(unique_bytes(base.model.model.layers.parameters()) / 1e6, 2)
         out["shard_ms"][ways] = round(layer_step_ms(base, 1, 256, repeats), 4)
+        # the same call replayed as one hand-captured graph: is the per-call floor gone?
+        out["shard_captured_ms"][ways] = round(layer_step_ms(base, 1, 256, repeats, captured=True), 4)
+        print(json.dumps({"tp_shards": out}), flush=True)  # what a caller keeps if its time budget ends here
     if allreduce_ms is not None:
         out["allreduce_ms"], out["allreduce_source"] = allreduce_ms, "assumed (one device: not measured)"
         out["tp_layer_ms"] = {s: round(ms + (2 * allreduce_ms if s > 1 else 0), 4) for s, ms in out["shard_ms"].items()}
@@ -289,6 +310,10 @@ def base_figures(model: str, tokens: int, dtype: str, head_path: str | None, dev
         if head is not None:
             out[f"eesd_{mode}_ms"] = round(eesd_ms(base, head, tokens), 2)
     out["capture_s"] = round(base.runtime.capture_s, 1)
+    before = base.runtime.capture_s
+    out["ar_captured_ms"] = round(ar_ms(base, tokens, captured=True), 2)
+    out["captured_capture_s"] = round(base.runtime.capture_s - before, 1)
+    out["captured_over_bound"] = round(out["ar_captured_ms"] / out["bound_ms"], 2)
     return out
 
 
@@ -362,19 +387,27 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
               f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
               f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
               f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
+        f = result["call_floor"] = call_floor(tiny_model(tempfile.mkdtemp(prefix="ppsd-runtime-"), depth), device,
+                                              tokens=tokens)
+        print(f"per-call floor ({depth}-layer tiny Llama; captured = {f['captured_path']}): one-layer call "
+              + ", ".join(f"{k} {v['layer_call_us']} µs" for k, v in f.items() if isinstance(v, dict))
+              + "; AR step " + ", ".join(f"{k} {v['ar_step_ms']} ms" for k, v in f.items() if isinstance(v, dict)),
+              flush=True)
     if base_model and model == "7b":
         m = result["model_7b"] = model_7b(device, shape, tokens=tokens, gamma=gamma, repeats=repeats,
                                           bandwidth_gb_s=bandwidth_gb_s)
         print(f"7B-shaped model ({shape.layers} layers, {m['weights_gb']} GB bf16, set up in {m['setup_s']} s), compiled:"
               f" AR step {m['ar_ms']} ms, verify of {gamma + 1} positions {m[f'verify_{gamma + 1}_ms']} ms, capture "
               f"{m['capture_s']} s; bound {m['bound_ms']} ms at {m['bandwidth_gb_s']} GB/s ({m['bandwidth_source']}): "
-              f"AR at {m['ar_over_bound']}x the bound", flush=True)
+              f"AR at {m['ar_over_bound']}x the bound; captured AR step {m['ar_captured_ms']} ms "
+              f"({m['captured_over_bound']}x the bound, capture {m['captured_capture_s']} s)", flush=True)
     elif base_model:
         s = result["base"] = base_figures(model, tokens, dtype, head_path, device)
         print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
               f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
               f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
-              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x",
+              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x; "
+              f"captured {s['ar_captured_ms']} ({s['captured_over_bound']}x the bound, capture {s['captured_capture_s']} s)",
               flush=True)
         if "eesd_eager_ms" in s:
             print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
@@ -392,13 +425,15 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
               f"shape(s) captured in {T['capture_s']} s", flush=True)
     if layer_7b_figures:
         L = result["layer_7b"] = layer_7b(device, shape=shape)
-        print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms;"
-              f" 8 positions eager {L['eager_8_ms']} ms, compiled {L['compiled_8_ms']} ms; bound {L['bound_ms']} ms",
+        print(f"7B-shaped layer, bf16, 256 cached: 1 position eager {L['eager_1_ms']} ms, compiled {L['compiled_1_ms']} ms,"
+              f" captured {L['captured_1_ms']} ms; 8 positions eager {L['eager_8_ms']} ms, compiled {L['compiled_8_ms']} ms,"
+              f" captured {L['captured_8_ms']} ms; bound {L['bound_ms']} ms",
               flush=True)
     if shards:
         t = result["tp_shards"] = tp_shards(device, shards, repeats=repeats, shape=shape, allreduce_ms=allreduce_ms)
         print("tensor-parallel shard of one 7B-shaped layer, compiled, 1 position: "
-              + ", ".join(f"S={k} {v} ms" for k, v in t["shard_ms"].items())
+              + ", ".join(f"S={k} {v} ms" for k, v in t["shard_ms"].items()) + "; captured: "
+              + ", ".join(f"S={k} {v} ms" for k, v in t["shard_captured_ms"].items())
               + (f"; + 2 all-reduces of {allreduce_ms} ms each (assumed)" if allreduce_ms is not None else ""), flush=True)
     return result
 

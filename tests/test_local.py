@@ -200,32 +200,30 @@ def test_command_with_streams_placement(tiny_model_dir, head_dir, spec_bench_pat
 
 
 def test_captured_steps_keep_the_cache_bookkeeping(tiny_base, heads, reference):
-    """The CUDA-graph path on a CPU: each stage's step is "captured" once per cache (a fake graph whose replay runs
-    the step without its Python bookkeeping, as a real replay does) and replayed every tick after; the warm-up
-    step, the capture's own step and the replays' lengths must add up for the answers to stay AR's."""
-    import types
-
+    """The CUDA-graph path on a CPU: each stage's step is "captured" once per cache (the runtime's stand-in graph,
+    whose replay runs the step without its Python bookkeeping, as a real replay does) and replayed every tick
+    after; the warm-up step, the capture's own step and the replays' lengths must add up for the answers to stay
+    AR's."""
     tiny_base.set_runtime(static=True)
     try:
         pipe = _pipeline(tiny_base, heads["transformer"], 2)
         captures = []
         for stage in pipe.stages:
-            def capture(stage=stage):
+            def capture(stage=stage, real=stage.step._capture):
                 captures.append((stage.start, stage.range.length))
-                stage._step()  # what a capture records (its Python runs, its length is undone after)
-
-                def replay():
-                    length = stage.range.length
-                    stage._step()
-                    stage.range.length = length  # a replay runs kernels only: the caller counts the position
-                return types.SimpleNamespace(replay=replay)
-            stage.capturable, stage._capture = True, capture
-        gens = [run_to_end(pipe.decode(prompt, 24)) for prompt in PROMPTS]
+                return real()  # the stand-in: what a capture records (its Python runs, its length is undone after)
+            stage.capturable, stage.step._capture = True, capture
+        gens, lengths = [], []
+        for prompt in PROMPTS:
+            gens.append(run_to_end(pipe.decode(prompt, 24)))
+            # the host's count of each stage's positions and the device's (moved by the replays) agree
+            lengths += [(s.range.length, int(s.range.cache.layers[s.start].cumulative_length)) for s in pipe.stages]
     finally:
         tiny_base.set_runtime()
     assert [g.tokens for g in gens] == reference
     assert sorted({start for start, _ in captures}) == [0, 2] and len(captures) == 2  # once per stage and cache
     assert not any(g.stats["uncaptured"] for g in gens)
+    assert all(host == device > 0 for host, device in lengths)
 
 
 def test_a_capturing_stage_compiles_without_torchs_own_graphs(tiny_base, heads):

@@ -145,8 +145,13 @@ def test_runtime_benchmark_reports_every_figure(tiny_model_dir):
     result = runtime_bench.run(model=tiny_model_dir, layers=3, tokens=4)
     assert set(result["host_overhead"]) == {"eager", "compiled", "hf_generate"}
     assert result["host_overhead"]["compiled"]["capture_s"] > 0
+    floor = result["call_floor"]  # host time per call on each path; on a CPU "captured" runs the compiled step directly
+    assert {k for k, v in floor.items() if isinstance(v, dict)} == {"eager", "compiled", "captured"}
+    assert all(v["layer_call_us"] > 0 and v["ar_step_ms"] > 0 for v in floor.values() if isinstance(v, dict))
+    assert "directly" in floor["captured_path"]
     figures = result["base"]
     assert figures["bound_ms"] > 0 and figures["ar_eager_ms"] > 0 and figures["ar_compiled_ms"] > 0
+    assert figures["ar_captured_ms"] > 0 and figures["captured_over_bound"] > 0
 
 
 def test_bf16_graphs_cut_at_a_stage_boundary_give_the_whole_range_bits(tiny_model_dir):

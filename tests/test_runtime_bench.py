@@ -39,8 +39,10 @@ def test_the_7b_path_reports_every_figure_at_a_tiny_shape(capsys):
     weights = sum(p.numel() * 2 for p in random_llama(TINY, "cpu").model.parameters())
     assert m["bound_ms"] == pytest.approx(weights / 100e9 * 1e3, abs=1e-4)
     assert m["ar_ms"] > 0 and m["verify_4_ms"] > 0 and m["capture_s"] > 0
+    assert m["ar_captured_ms"] > 0 and m["captured_over_bound"] > 0 and m["capture_s"] >= m["captured_capture_s"]
     t = result["tp_shards"]
     assert set(t["shard_ms"]) == {2} and t["tp_layer_ms"][2] == pytest.approx(t["shard_ms"][2] + 0.02, abs=1e-4)
+    assert set(t["shard_captured_ms"]) == {2} and t["shard_captured_ms"][2] > 0
     assert "assumed" in t["allreduce_source"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model_7b"]["ar_ms"] == m["ar_ms"]
 
