@@ -61,13 +61,15 @@ def _dies_while_starting(rank, world, port, spec, parent_pid):  # a stage proces
 
 def test_a_stage_that_dies_while_starting_is_a_clear_error_within_seconds(tiny_base):
     from decode.pipeline import Pipeline
+    from decode.spec import RunSpec
 
     class DyingPipeline(Pipeline):
         worker = staticmethod(_dies_while_starting)
 
     start = time.time()
     with pytest.raises(PipelineError, match="stage 1 exited with code 7 while starting"):
-        DyingPipeline(str(tiny_base.folder), "float32", [range(0, 3), range(3, tiny_base.num_layers)],
+        DyingPipeline(RunSpec(str(tiny_base.folder), "cpu", "float32", threads=1, stage_threads=1,
+                              layout=((0, 3), (3, tiny_base.num_layers))),
                       vocab_size=tiny_base.vocab_size, hidden_size=tiny_base.hidden_size)
     assert time.time() - start < 30  # the process group's own timeout would be an hour
     assert not torch.distributed.is_initialized()
