@@ -110,6 +110,10 @@ def test_command_contract(tiny_model_dir, head_dir, spec_bench_path, tmp_path):
                 "predicted_speedup", "measured_over_predicted", "lossless", "compare", "fastest_method"):
         assert key in result, key
     assert result["method"] == "ppsd" and result["stages"] == 2 and result["exit_layer"] == 2
+    resolved = result["resolved"]  # why each auto became what it did; threads=1 was asked for
+    assert "threads" not in resolved and resolved["compile"].startswith("false: a CPU")
+    assert resolved["placement"].startswith("processes: cpu") and resolved["window"].startswith("2:")
+    assert resolved["layout"].startswith(str(result["stage_layers"]))
     assert result["lossless"] is True and set(result["compare"]) == {"ar", "eesd"}
     assert result["fastest_method"] in ("ar", "eesd", "ppsd")
     answers = [json.loads(line) for line in (tmp_path / "answers_ppsd.jsonl").read_text().splitlines()]
