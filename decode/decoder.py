@@ -5,7 +5,9 @@
         for token in dec.stream(prompt_ids, max_new_tokens=128):  # tokens as they are verified
             ...
 
-For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
+Every setting is resolved once into a frozen RunSpec (decode/spec.py): the keywords make one, and
+`Decoder.from_spec(spec, method, base=, head=)` starts a decoder from one resolved elsewhere (python -m decode
+resolves one spec for all its methods). For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
 ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
 `placement` (`resolve_placement`): CUDA streams of one GPU or the GPUs of this node, driven by this process
 (decode/local.py), or stage processes (decode/pipeline.py).
@@ -69,8 +71,6 @@ class Decoder:
                  placement: str = "auto"):
         """The keyword API: the settings as given (an `auto` is resolved as the CLI resolves it; threads=None is
         torch's current count), made into a RunSpec and started as `from_spec` starts it."""
-        if method not in METHODS:
-            raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
         spec, base, head = resolve_spec(
             methods=[method], head_path=head_path, model=model, base=base, head=head, device=device, dtype=dtype,
             compile=compile, batch_invariant=batch_invariant, threads=threads, stage_threads=stage_threads,
@@ -106,7 +106,7 @@ class Decoder:
             runtime = base.set_runtime(compile=spec.compile, rows=spec.rows)
             if spec.compile and not base.runtime.compile:
                 print(f"compile=true: the base runs {runtime}", flush=True)
-        self.base, self.head = base, head if method != "ar" else None
+        self.base, self.head = base, head
         self.exit_layer = head.exit_layer if head is not None else exit_layer
         self.stop_ids = base.eos_token_ids
         if method == "ppsd" and spec.placement == "processes":

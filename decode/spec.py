@@ -198,6 +198,20 @@ def stage_layout(base, exit_layer: int, stages: int, stage_layers=None) -> list[
                         lm_head_cost=lm_head_s, stage_layers=stage_layers)
 
 
+def ppsd_settings(base, head, stages: int, stage_layers, placement: str, window: int | None) -> dict:
+    """ppsd's stage layout (balanced by measured cost unless given), placement and window: {layout, placement,
+    window, reasons}."""
+    layout = tuple((r.start, r.stop) for r in stage_layout(base, head.exit_layer, stages, stage_layers))
+    where, why = placement_and_reason(placement, base.device, len(layout), torch.distributed.is_initialized())
+    reasons = {"placement": f"{where}: {why}"} if is_auto(placement) else {}
+    if stage_layers is None:
+        reasons["layout"] = f"{[list(p) for p in layout]}: [E, N) balanced by measured layer and LM-head costs"
+    if window is None:
+        window = len(layout)  # S keeps every stage busy (decode/ppsd.py: default_window)
+        reasons["window"] = f"{window}: one position in flight per stage"
+    return {"layout": layout, "placement": where, "window": window, "reasons": reasons}
+
+
 # ---- the one function that builds it -------------------------------------------------------------
 
 def base_settings(*, methods: list[str], device="auto", dtype="auto", compile="auto", batch_invariant="auto",
@@ -270,20 +284,12 @@ def resolve_spec(*, methods: list[str], head_path: str | None = None, model: str
     probe = probe(base) if callable(probe) else probe or list(range(100, 120))
     counts = decode_threads(base, probe, threads, stage_threads, stages)
     reasons |= counts["reasons"]
-    layout, where = (), None
+    ppsd = {"window": window}
     if "ppsd" in methods:
-        layout = tuple((r.start, r.stop) for r in stage_layout(base, head.exit_layer, stages, stage_layers))
-        where, why = placement_and_reason(placement, base.device, len(layout), torch.distributed.is_initialized())
-        if is_auto(placement):
-            reasons["placement"] = f"{where}: {why}"
-        if stage_layers is None:
-            reasons["layout"] = f"{[list(p) for p in layout]}: [E, N) balanced by measured layer and LM-head costs"
-        if window is None:
-            window = len(layout)  # S keeps every stage busy (decode/ppsd.py: default_window)
-            reasons["window"] = f"{window}: one position in flight per stage"
+        ppsd = ppsd_settings(base, head, stages, stage_layers, placement, window)
+        reasons |= ppsd.pop("reasons")
     spec = RunSpec(model_path=str(base.folder), threads=counts["threads"], stage_threads=counts["stage_threads"],
                    rows=padded_rows(settings["compile"], settings["batch_invariant"], gamma), gamma=gamma,
-                   window=window, placement=where, layout=layout, timeout_s=timeout_s,
-                   worker_timeout_s=worker_timeout_s, reasons=reasons, threads_measured_ms=counts["measured_ms"],
-                   **settings)
+                   timeout_s=timeout_s, worker_timeout_s=worker_timeout_s, reasons=reasons,
+                   threads_measured_ms=counts["measured_ms"], **settings, **ppsd)
     return spec, base, head

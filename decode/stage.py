@@ -107,7 +107,8 @@ class VerifyStage:
         if self.layers.length > h.pos:
             self.layers.crop(h.pos)
         if self.layers.length != h.pos:
-            raise PipelineError(f"stage {self.rank}: got position {h.pos} but holds {self.layers.length} (protocol bug)")
+            raise PipelineError(f"stage {self.rank}: got position {h.pos} but holds {self.layers.length} "
+                                "(protocol bug)")
         phase = "compute" if h.n == 1 else "prefill"
         with clock.phase(phase):
             out = self.layers.forward(hidden.to(self.base.device), positions(h.pos, h.n, self.base.device))
