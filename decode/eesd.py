@@ -46,31 +46,8 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
             new, n_ok, k = _greedy_round(base, head, lower, upper, token, pos, count, stop_ids, clock)
             new, n_ok, k = new[:budget + 1], min(n_ok, budget), min(k, budget)
         else:
-            hiddens, drafts, draft_qs, x = [], [], [], token
-            for j in range(budget):
-                with clock.phase("draft"):
-                    h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
-                    x, q = choose(draft_logits, sampling, draft_rng)
-                    if oracle is not None:
-                        x = oracle.draft(pos + j + 1 - n_prompt, x)
-                hiddens.append(h), drafts.append(x), draft_qs.append(q)
-                if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
-                    break
-            k = len(drafts)
-            with clock.phase(("verify", k + 1)):
-                h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
-                hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
-                all_logits = base.logits(hidden)[0]
-            new, n_ok = [], 0
-            for i in range(k):
-                y, ok = verify(all_logits[i], drafts[i], draft_qs[i], sampling, verify_rng)
-                new.append(y)
-                if not ok:
-                    break
-                n_ok += 1
-            if n_ok == k and not (k and drafts[-1] in stop_ids):
-                y, _ = choose(all_logits[k], sampling, verify_rng)  # every draft accepted: the bonus token
-                new.append(y)
+            new, n_ok, k = _sampled_round(base, head, lower, upper, token, pos, budget, stop_ids, clock, sampling,
+                                          (draft_rng, verify_rng), oracle, pos + 1 - n_prompt)
         verified, accepted = verified + n_ok + (n_ok < k), accepted + n_ok  # drafts after a miss don't count
         keep = pos + n_ok + 1                    # positions [0, keep) hold verified inputs
         lower.crop(keep), upper.crop(keep)
@@ -83,6 +60,41 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
                       stats={"prefill_s": clock.wall["prefill"], "gamma": gamma, "rounds": len(accept_lengths),
                              "draft_s": clock.mean("draft"),
                              "verify_s": {k: clock.mean(("verify", k)) for k in clock.keys("verify")}})
+
+
+def _sampled_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids, clock: Clock,
+                   sampling: Sampling, rngs, oracle, first: int) -> tuple[list[int], int, int]:
+    """One round with drafts chosen on the host (sampled, or an oracle's; `first`: the index among the generated
+    tokens of the round's first draft): up to `budget` drafts, one verify pass, the speculative rule on each draft (decode.common.verify) and the
+    bonus token when all are accepted. Returns (new tokens, drafts accepted, drafts made)."""
+    draft_rng, verify_rng = rngs
+    device = base.device
+    hiddens, drafts, draft_qs, x = [], [], [], token
+    for j in range(budget):
+        with clock.phase("draft"):
+            h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
+            x, q = choose(draft_logits, sampling, draft_rng)
+            if oracle is not None:
+                x = oracle.draft(first + j, x)
+        hiddens.append(h), drafts.append(x), draft_qs.append(q)
+        if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
+            break
+    k = len(drafts)
+    with clock.phase(("verify", k + 1)):
+        h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
+        hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
+        all_logits = base.logits(hidden)[0]
+    new, n_ok = [], 0
+    for i in range(k):
+        y, ok = verify(all_logits[i], drafts[i], draft_qs[i], sampling, verify_rng)
+        new.append(y)
+        if not ok:
+            break
+        n_ok += 1
+    if n_ok == k and not (k and drafts[-1] in stop_ids):
+        y, _ = choose(all_logits[k], sampling, verify_rng)  # every draft accepted: the bonus token
+        new.append(y)
+    return new, n_ok, k
 
 
 def _greedy_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids,
