@@ -7,8 +7,8 @@
 
 Every setting is resolved once into a frozen RunSpec (decode/spec.py): the keywords make one, and
 `Decoder.from_spec(spec, method, base=, head=)` starts a decoder from one resolved elsewhere (python -m decode
-resolves one spec for all its methods). For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
-ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
+resolves one spec for all its methods). For ppsd the Decoder starts the S-1 verify stages once (spawned
+processes, or the other torchrun ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
 `placement` (`resolve_placement`): CUDA streams of one GPU or the GPUs of this node, driven by this process
 (decode/local.py), or stage processes (decode/pipeline.py).
 """

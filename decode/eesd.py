@@ -65,8 +65,8 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
 def _sampled_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids, clock: Clock,
                    sampling: Sampling, rngs, oracle, first: int) -> tuple[list[int], int, int]:
     """One round with drafts chosen on the host (sampled, or an oracle's; `first`: the index among the generated
-    tokens of the round's first draft): up to `budget` drafts, one verify pass, the speculative rule on each draft (decode.common.verify) and the
-    bonus token when all are accepted. Returns (new tokens, drafts accepted, drafts made)."""
+    tokens of the round's first draft): up to `budget` drafts, one verify pass, the speculative rule on each draft
+    (decode.common.verify) and the bonus token when all are accepted. Returns (new tokens, drafts accepted, drafts made)."""
     draft_rng, verify_rng = rngs
     device = base.device
     hiddens, drafts, draft_qs, x = [], [], [], token
