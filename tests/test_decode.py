@@ -229,3 +229,25 @@ def test_batch_invariant_auto_turns_on_for_eesd_below_fp32(setting, method, comp
 
     cfg = OmegaConf.create({"batch_invariant": setting, "method": method, "compare": compare, "dtype": dtype})
     assert wants_batch_invariant(cfg.batch_invariant, cfg.dtype, methods_of(cfg))[0] is expected
+
+
+def test_a_decode_loops_generation_comes_back_explicitly_and_its_phases_are_clocked():
+    from decode.clock import Clock
+    from decode.common import Decoding
+
+    def loop():
+        yield 1
+        yield 2
+        return "the generation"
+
+    decoding = Decoding(loop())
+    assert decoding.result is None and list(decoding) == [1, 2] and decoding.result == "the generation"
+    clock = Clock()
+    with clock.phase("compute", "head") as lap:
+        sum(range(1000))
+    with clock.phase(("verify", 3)), clock.phase(("verify", 2)):
+        pass
+    clock.add("blocked", 0.5)
+    assert clock.count["compute"] == clock.count["head"] == 1 and clock.wall["compute"] == clock.wall["head"] == lap.s
+    assert clock.keys("verify") == [2, 3] and clock.mean("blocked") == 0.5 and clock.mean("never") == 0.0
+    assert clock.elapsed() >= lap.s > 0
