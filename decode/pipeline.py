@@ -120,33 +120,11 @@ class Pipeline:
         self.epoch = 0
         self.closed = False
         self.owns_group = spawn
-        load_timeout_s = spec.load_timeout_s
         if spawn:
-            import torch.multiprocessing as mp
-
-            if dist.is_initialized():
-                raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
-                                "launch with torchrun instead, or from a plain process")
-            port = free_port()
-            timeout = datetime.timedelta(seconds=max(load_timeout_s, spec.worker_timeout_s))
-            store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
-            ctx = mp.get_context("spawn")
-            with _sigint_ignored_by_children():
-                for rank in range(1, self.stages):
-                    p = ctx.Process(target=self.worker, daemon=True,
-                                    args=(rank, self.stages, port, spec, os.getpid()))
-                    p.start()
-                    self.processes.append(p)
-            try:
-                _join_spawned(store, self.processes, load_timeout_s)
-            except PipelineError:
-                self.kill()
-                raise
-            dist.init_process_group("gloo", store=store, rank=0, world_size=self.stages, timeout=timeout)
-        else:
-            if dist.get_world_size() != self.stages:
-                raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
-                                f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
+            self._spawn()
+        elif dist.get_world_size() != self.stages:
+            raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
+                            f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
         self.link = Link(0, spec.timeout_s, describe=self._describe)
         if not spawn:  # the other ranks compute with this spec, unchanged
             Pipeline.adopted_ranks = True
@@ -154,10 +132,33 @@ class Pipeline:
             for rank in range(1, self.stages):
                 self.link.send(rank, Header(LAYOUT, n=len(data)), data)
         for rank in range(1, self.stages):  # weights loaded
-            self._expect(self.link.recv_header(rank, timeout=load_timeout_s), READY)
+            self._expect(self.link.recv_header(rank, timeout=spec.load_timeout_s), READY)
         self.inbox = Inbox(self.link, self.last, Payloads(hidden_size, parse_dtype(spec.dtype), vocab_size),
                            threaded=dist.get_backend() == "gloo")
         self.feedback_s = self.measure_feedback()
+
+    def _spawn(self) -> None:
+        """Start stages 1..S-1 as processes of this machine, each given the spec, and join them in a gloo group."""
+        import torch.multiprocessing as mp
+
+        if dist.is_initialized():
+            raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
+                            "launch with torchrun instead, or from a plain process")
+        port = free_port()
+        timeout = datetime.timedelta(seconds=max(self.spec.load_timeout_s, self.spec.worker_timeout_s))
+        store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        with _sigint_ignored_by_children():
+            for rank in range(1, self.stages):
+                p = ctx.Process(target=self.worker, daemon=True, args=(rank, self.stages, port, self.spec, os.getpid()))
+                p.start()
+                self.processes.append(p)
+        try:
+            _join_spawned(store, self.processes, self.spec.load_timeout_s)
+        except PipelineError:
+            self.kill()
+            raise
+        dist.init_process_group("gloo", store=store, rank=0, world_size=self.stages, timeout=timeout)
 
     @property
     def polls(self) -> bool:
