@@ -8,16 +8,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 
 
 class Lap:
-    """One timed block: its wall seconds (`s`) once it has ended."""
+    """One timed block (`Clock.phase`): its wall seconds, `s`, once it has ended."""
 
-    s: float = 0.0
+    __slots__ = ("clock", "names", "s", "_wall", "_cpu")
+
+    def __init__(self, clock: "Clock", names: tuple):
+        self.clock, self.names, self.s = clock, names, 0.0
+
+    def __enter__(self) -> "Lap":
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s, cpu = time.perf_counter() - self._wall, time.thread_time() - self._cpu
+        for name in self.names:
+            self.clock.add(name, self.s, cpu)
 
 
 class Clock:
@@ -29,16 +40,9 @@ class Clock:
         self.cpu: dict[Hashable, float] = defaultdict(float)
         self.count: dict[Hashable, int] = defaultdict(int)
 
-    @contextlib.contextmanager
-    def phase(self, *names: Hashable) -> Iterator[Lap]:
-        """Time the block and add it to each of `names` (none: only the yielded Lap has it)."""
-        lap, wall, cpu = Lap(), time.perf_counter(), time.thread_time()
-        try:
-            yield lap
-        finally:
-            lap.s, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-            for name in names:
-                self.add(name, lap.s, cpu)
+    def phase(self, *names: Hashable) -> Lap:
+        """`with clock.phase(...) as lap:` times the block and adds it to each of `names` (none: only `lap.s`)."""
+        return Lap(self, names)
 
     def add(self, name: Hashable, seconds: float, cpu: float = 0.0) -> None:
         self.wall[name] += seconds
