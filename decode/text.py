@@ -100,8 +100,10 @@ class TextDecoder:
             methods=[method], matched=list(METHODS), head_path=head if method != "ar" else None, model=model,
             device=device, dtype=dtype, compile=compile, batch_invariant=batch_invariant, threads=threads,
             stage_threads=stage_threads, stages=stages, gamma=gamma, quiet=quiet,
-            probe=lambda base: base.encode_chat([{"role": "user", "content": "Hello!"}]), **decoder_kwargs)
-        decoder = Decoder.from_spec(spec, method, base=base, head=head_model)
+            probe=lambda base: base.encode_chat([{"role": "user", "content": "Hello!"}]),
+            **{k: v for k, v in decoder_kwargs.items() if k != "exit_layer"})
+        decoder = Decoder.from_spec(spec, method, base=base, head=head_model,
+                                    exit_layer=decoder_kwargs.get("exit_layer"))
         settings = {"method": method, "why": why, "device": spec.device, "dtype": spec.dtype, "compile": spec.compile,
                     "batch_invariant": spec.batch_invariant, "threads": spec.threads,
                     "stage_threads": spec.stage_threads, "rows": spec.rows, "resolved": spec.reasons}
