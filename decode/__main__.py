@@ -44,21 +44,12 @@ def main(cfg: DecodeConfig) -> None:
     rank = None
     try:
         rank = _torchrun_rank()
-        if rank:  # a verify stage: serve until rank 0 says stop
+        if rank:  # a verify stage: serve with rank 0's RunSpec until rank 0 says stop
             import torch.distributed as dist
 
-            from decode.decoder import resolve_base_model
-            from decode.evaluate import resolve_settings
-            from decode.stage import StageSpec, serve_torchrun
-            from heads.base import resolve_model_path
-            from heads.hardware import process_threads
+            from decode.stage import serve_torchrun
 
-            settings = resolve_settings(cfg, quiet=True)  # as rank 0 resolves them
-            model_path = str(resolve_model_path(resolve_base_model(cfg.head_path, cfg.model)))
-            threads = process_threads(cfg.stage_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-            serve_torchrun(StageSpec(model_path=model_path, dtype=settings.dtype, device=settings.device,
-                                     threads=threads, worker_timeout_s=3600.0, batch_invariant=settings.batch_invariant,
-                                     compile=settings.compile, rows=settings.rows))
+            serve_torchrun()
             dist.destroy_process_group()
             return
         if cfg.interactive:

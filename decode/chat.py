@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import time
 
-from decode.decoder import resolve_device
 from decode.text import TextDecoder
 from heads.errors import UserError
 
@@ -53,7 +52,7 @@ def answer(dec: TextDecoder, messages: list[dict], cfg, out=sys.stdout) -> str:
 def chat(cfg, stdin=sys.stdin, out=sys.stdout) -> None:
     """Read prompts (a line each; the conversation carries on until /reset), answer each as it streams."""
     dec = TextDecoder.from_pretrained(
-        cfg.head_path, method=cfg.method, model=cfg.model, device=resolve_device(cfg.device), dtype=cfg.dtype,
+        cfg.head_path, method=cfg.method, model=cfg.model, device=cfg.device, dtype=cfg.dtype,
         compile=cfg.compile, batch_invariant=cfg.batch_invariant, threads=cfg.threads,
         stage_threads=cfg.stage_threads, stages=cfg.stages, gamma=cfg.gamma, quiet=False, window=cfg.window,
         timeout_s=cfg.timeout_s, stage_layers=cfg.stage_layers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,13 +52,22 @@ class Generation:
         return figures([self])["mean_accepted_length"]
 
 
-def run_to_end(tokens: Iterator[int]) -> Generation:
-    """Drain a decode loop (a generator of tokens) and return the Generation it returns."""
-    while True:
-        try:
-            next(tokens)
-        except StopIteration as stop:
-            return stop.value
+class Decoding:
+    """A decode loop being run: iterate it for its tokens; once it has ended, `result` is the Generation it returned."""
+
+    def __init__(self, loop: Generator[int, None, Generation]):
+        self.loop, self.result = loop, None
+
+    def __iter__(self) -> Iterator[int]:
+        self.result = yield from self.loop
+
+
+def run_to_end(loop: Generator[int, None, Generation]) -> Generation:
+    """Drain a decode loop and return the Generation it returned."""
+    decoding = Decoding(loop)
+    for _ in decoding:
+        pass
+    return decoding.result
 
 
 class OracleDrafts:

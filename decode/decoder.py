@@ -5,103 +5,35 @@
         for token in dec.stream(prompt_ids, max_new_tokens=128):  # tokens as they are verified
             ...
 
-For ppsd the Decoder starts the S-1 verify stages once (spawned processes, or the other torchrun
-ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
+Every setting is resolved once into a frozen RunSpec (decode/spec.py): the keywords make one, and
+`Decoder.from_spec(spec, method, base=, head=)` starts a decoder from one resolved elsewhere (python -m decode
+resolves one spec for all its methods). For ppsd the Decoder starts the S-1 verify stages once (spawned
+processes, or the other torchrun ranks) and reuses them for every request; `close()` (or leaving the `with`) stops them. Where its stages run is
 `placement` (`resolve_placement`): CUDA streams of one GPU or the GPUs of this node, driven by this process
 (decode/local.py), or stage processes (decode/pipeline.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from decode.ar import ar_decode, repeatable_step
-from decode.common import Generation
+from decode.ar import ar_decode
+from decode.common import Decoding, Generation
 from decode.eesd import eesd_decode
-from decode.layout import measure_costs, split_layers
 from decode.local import LocalPipeline
 from decode.pipeline import Pipeline
 from decode.ppsd import ppsd_decode
 from decode.protocol import PipelineError
-from heads import load_base, load_head
-from heads.base import DEFAULT_MODEL, EMBEDDED_MODELS, identity_source
+from decode.spec import (RunSpec, check_exact_base, decode_threads, padded_rows, resolve_base_model,  # noqa: F401
+                         resolve_device, resolve_placement, resolve_spec)
+from heads import load_base
 from heads.errors import UserError
-from heads.hardware import cores, fastest_threads, is_auto, process_threads, thread_candidates, torch_threads
-from heads.head import read_head_config
+from heads.hardware import torch_threads
 from heads.sampling import Sampling
-from heads.schema import METHODS, PLACEMENTS
-
-
-def resolve_base_model(head_path: str | None, model: str | None) -> str:
-    """The base to load: `model` if given, else exactly the base the head records (an embedded copy by its
-    name, a hub id pinned to its commit, a folder); never another one, e.g. the original weights of an
-    embedded quantized copy. A head without that record (older ppsd): a one-line error saying what to pass."""
-    if model:
-        return model
-    if head_path is None:
-        return DEFAULT_MODEL
-    config = read_head_config(head_path)
-    identity = config.get("base")
-    if identity is None:
-        named = config["base_model"]
-        guess = next((f"model={name} (the embedded {e.quantization} copy)" for name, e in EMBEDDED_MODELS.items()
-                      if e.origin == named), f"model={named}")
-        raise UserError(f"head '{head_path}' does not record the exact base it was trained on (it names {named}; "
-                        f"written by an older ppsd): pass the base it was trained on, e.g. {guess}, or retrain it")
-    if not isinstance(identity.get("id"), str) or not isinstance(identity.get("sha256"), str):
-        raise UserError(f"head '{head_path}': its config.json's base is {json.dumps(identity)[:80]}, not "
-                        "{id, sha256, ...}: the file is damaged; re-export or retrain the head")
-    return identity_source(identity)
-
-
-def check_exact_base(head, base) -> None:
-    """The head's recorded base has the loaded base's weights (sha256), or a one-line error. A head without
-    the record was loaded on the base the caller named (model=): nothing to check."""
-    recorded = head.base_identity
-    if recorded is None or recorded.get("sha256") == base.identity["sha256"]:
-        return
-    raise UserError(f"head trained on {recorded['id']} (sha256 {recorded['sha256'][:12]}) but the base loaded is "
-                    f"{base.identity['id']} (sha256 {base.identity['sha256'][:12]}): decode on the base it was trained "
-                    "on (leave model= unset to load it)")
-
-
-def resolve_device(requested: str | None) -> str:
-    """Where this process puts the base and head. Under torchrun (WORLD_SIZE > 1) "auto" (or null) and
-    "cuda" mean this rank's GPU, cuda:LOCAL_RANK, when CUDA is available; a single process with "auto" takes
-    the GPU when there is one, else the CPU."""
-    requested = "auto" if requested is None else str(requested)
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if torchrun and torch.cuda.is_available() and requested in ("auto", "cuda"):
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
-def resolve_placement(placement: str, device: str | torch.device, stages: int, torchrun: bool = False) -> str:
-    """Where ppsd's stages run. auto: stage processes on a CPU (each its own threads) and under torchrun (the
-    ranks are the stages); on CUDA one process drives them: on GPUs i..i+S-1 of this node when there are that
-    many (`devices`), else on streams of one GPU (`streams`)."""
-    if placement not in PLACEMENTS:
-        raise UserError(f"placement={placement}: use one of {', '.join(PLACEMENTS)}")
-    device = torch.device(device)
-    gpus = torch.cuda.device_count() - (device.index or 0) if device.type == "cuda" else 0  # from `device` on
-    if placement == "auto":
-        if torchrun or device.type != "cuda":
-            return "processes"
-        return "devices" if gpus >= stages > 1 else "streams"
-    if torchrun and placement != "processes":
-        raise UserError(f"placement={placement} drives every stage from one process: under torchrun use "
-                        "placement=processes (the ranks are the stages), or run one process without torchrun")
-    if placement == "devices" and device.type == "cuda" and gpus < stages:
-        raise UserError(f"placement=devices puts stage i on GPU i: {stages} stages need {stages} GPUs from {device}, "
-                        f"this node has {torch.cuda.device_count()}; use placement=streams (one GPU) or fewer stages")
-    return placement
+from heads.schema import METHODS
 
 
 def stage_devices(device: str | torch.device, stages: int, placement: str) -> list[torch.device]:
@@ -128,32 +60,6 @@ def stage_bases(base, layout, devices: list[torch.device]) -> list:
     return bases
 
 
-def decode_threads(base, prompt_ids: list[int], threads, stage_threads, stages: int = 1) -> dict:
-    """Resolve `threads` (ar / eesd) and `stage_threads` (each ppsd stage process). auto: `threads` is the count
-    measured fastest for one AR step of this base on this machine (all cores is not always fastest), and a
-    stage gets that many but at most its share of the cores. On a GPU threads only feed the host side: keep
-    torch's default. Returns {threads, stage_threads, measured_ms: {threads: ms per AR step}}."""
-    measured = {}
-    if not (threads is None or is_auto(threads)):
-        threads = process_threads(threads)
-    elif base.device.type != "cpu":
-        threads = torch.get_num_threads()
-    else:
-        threads, timings = fastest_threads(repeatable_step(base, prompt_ids[:64]), thread_candidates())
-        measured = {n: round(t * 1e3, 3) for n, t in timings.items()}
-    if stage_threads is None or is_auto(stage_threads):
-        stage_threads = min(threads, max(1, cores() // max(1, stages)))
-    else:
-        stage_threads = process_threads(stage_threads)
-    return {"threads": threads, "stage_threads": stage_threads, "measured_ms": measured}
-
-
-def padded_rows(compile: bool, batch_invariant: bool, gamma: int) -> int:
-    """The fixed position count of batch-invariant compiled steps: EESD's longest verify pass, γ + 1 (every
-    method on a base, and every PPSD stage, must use the same)."""
-    return gamma + 1 if compile and batch_invariant else 0
-
-
 class Decoder:
     """One method (ar | eesd | ppsd) bound to a base model and (for eesd/ppsd) an exit head."""
 
@@ -163,58 +69,66 @@ class Decoder:
                  timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, device: str = "cpu",
                  exit_layer: int | None = None, batch_invariant: bool | None = None, compile: bool = False,
                  placement: str = "auto"):
+        """The keyword API: the settings as given (an `auto` is resolved as the CLI resolves it; threads=None is
+        torch's current count), made into a RunSpec and started as `from_spec` starts it."""
+        spec, base, head = resolve_spec(
+            methods=[method], head_path=head_path, model=model, base=base, head=head, device=device, dtype=dtype,
+            compile=compile, batch_invariant=batch_invariant, threads=threads, stage_threads=stage_threads,
+            stages=stages, stage_layers=stage_layers, gamma=gamma, window=window, placement=placement,
+            timeout_s=timeout_s, worker_timeout_s=worker_timeout_s)
+        self._start(spec, method, base, head, exit_layer)
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, method: str, *, base=None, head=None, exit_layer: int | None = None) -> "Decoder":
+        """`method` as `spec` says, on `base` (default: loaded from spec.model_path) with `head` (eesd, ppsd)."""
+        decoder = cls.__new__(cls)
+        decoder._start(spec, method, base, head, exit_layer)
+        return decoder
+
+    def _start(self, spec: RunSpec, method: str, base, head, exit_layer: int | None) -> None:
         if method not in METHODS:
             raise UserError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-        self.method, self.gamma, self.window = method, gamma, window
-        self.threads = threads or torch.get_num_threads()
-        self.stage_threads = stage_threads
+        if method != "ar" and head is None:
+            raise UserError(f"method={method} needs an exit head: pass head_path=FOLDER_OR_HUB_ID")
+        if method == "ppsd" and not spec.layout:
+            raise UserError("method=ppsd needs a stage layout: resolve the spec with ppsd among its methods")
+        self.spec, self.method = spec, method
         self.pipeline = None   # stage processes (placement=processes)
         self.local = None      # or stages driven by this process (placement=streams | devices)
-        self.placement = None
         self.watched: list = []  # pipelines checked between tokens (evaluate.run: every ppsd decoder's)
         self.last_generation: Generation | None = None
-        if gamma < 1:
-            raise UserError(f"gamma={gamma}: eesd drafts at least one token per round")
-        if method != "ar" and head is None and head_path is None:
-            raise UserError(f"method={method} needs an exit head: pass head_path=FOLDER_OR_HUB_ID")
-        device = resolve_device(device)
         if base is None:
-            base = load_base(resolve_base_model(head_path, model), dtype=dtype, device=device,
-                             batch_invariant=bool(batch_invariant))
-        elif batch_invariant is not None and batch_invariant != base.batch_invariant:
-            base.set_batch_invariant(batch_invariant)  # a shared base: every method on it computes the same way
-        rows = padded_rows(compile, base.batch_invariant, gamma)
-        if compile != base.runtime.compile or rows != base.runtime.rows:  # a shared base keeps its captured graphs
-            runtime = base.set_runtime(compile=compile, rows=rows)
-            if compile and not base.runtime.compile:
+            base = load_base(spec.model_path, dtype=spec.dtype, device=spec.device,
+                             batch_invariant=spec.batch_invariant)
+        elif spec.batch_invariant != base.batch_invariant:
+            base.set_batch_invariant(spec.batch_invariant)  # a shared base: every method on it computes the same way
+        if spec.compile != base.runtime.compile or spec.rows != base.runtime.rows:  # a shared base keeps its graphs
+            runtime = base.set_runtime(compile=spec.compile, rows=spec.rows)
+            if spec.compile and not base.runtime.compile:
                 print(f"compile=true: the base runs {runtime}", flush=True)
-        self.base = base
-        if method != "ar" and head is None:
-            head = load_head(head_path, base)
-            check_exact_base(head, base)
-        self.head = head
+        self.base, self.head = base, head
         self.exit_layer = head.exit_layer if head is not None else exit_layer
         self.stop_ids = base.eos_token_ids
-        self.layout = None
-        if method == "ppsd":
-            layer_s, lm_head_s = measure_costs(base)
-            self.layout = split_layers(base.num_layers, head.exit_layer, stages,
-                                       layer_costs=[layer_s] * base.num_layers, lm_head_cost=lm_head_s,
-                                       stage_layers=stage_layers)
-            torchrun = dist.is_initialized()
-            self.placement = resolve_placement(placement, base.device, len(self.layout), torchrun)
-            if self.placement == "processes":
-                stage_dtype = str(base.dtype).removeprefix("torch.")  # the stages compute exactly as this base does
-                self.pipeline = Pipeline(str(base.folder), stage_dtype, self.layout, spawn=not torchrun,
-                                         stage_threads=stage_threads, timeout_s=timeout_s,
-                                         worker_timeout_s=worker_timeout_s, device=device,
-                                         vocab_size=base.vocab_size, hidden_size=base.hidden_size,
-                                         batch_invariant=base.batch_invariant, compile=base.runtime.compile,
-                                         rows=base.runtime.rows)
-            else:
-                devices = stage_devices(base.device, len(self.layout), self.placement)
-                bases = stage_bases(base, self.layout, devices)
-                self.local = LocalPipeline(bases, head, [(r.start, r.stop) for r in self.layout], self.placement)
+        if method == "ppsd" and spec.placement == "processes":
+            self.pipeline = Pipeline(spec, hidden_size=base.hidden_size, vocab_size=base.vocab_size,
+                                     spawn=not dist.is_initialized())
+        elif method == "ppsd":
+            bases = stage_bases(base, self.layout, stage_devices(base.device, spec.stages, spec.placement))
+            self.local = LocalPipeline(bases, head, list(spec.layout), spec.placement)
+
+    # the spec's settings, as this decoder uses them
+    gamma = property(lambda self: self.spec.gamma)
+    window = property(lambda self: self.spec.window)
+    threads = property(lambda self: self.spec.threads)
+    stage_threads = property(lambda self: self.spec.stage_threads)
+
+    @property
+    def placement(self) -> str | None:
+        return self.spec.placement if self.method == "ppsd" else None
+
+    @property
+    def layout(self) -> list[range] | None:
+        return [range(a, b) for a, b in self.spec.layout] if self.method == "ppsd" else None
 
     def warm_up(self, prompt_ids: list[int], tokens: int, longest: int = 0, **kwargs) -> None:
         """First calls allocate and capture graphs: keep them out of the timings. On a static runtime the prompt is
@@ -261,21 +175,19 @@ class Decoder:
                     if self.pipeline is None or self.pipeline.closed:
                         raise UserError("this ppsd Decoder is closed: create a new one")
                     loop = ppsd_decode(self.base, self.head, self.pipeline, prompt_ids, max_new_tokens, oracle=oracle,
-                                       window=self.window, **common)
+                                       window=self.spec.window, **common)
                 watched = [p for p in (self.watched or [self.pipeline]) if p is not None]
-                start, first_token_s = time.perf_counter(), None
+                decoding, start, first_token_s = Decoding(loop), time.perf_counter(), None
                 try:
-                    while True:
-                        token = next(loop)
+                    for token in decoding:
                         first_token_s = first_token_s or time.perf_counter() - start
                         for pipeline in watched:
                             pipeline.check_alive()
                         yield token
-                except StopIteration as stop_iteration:
-                    self.last_generation = stop_iteration.value
-                    self.last_generation.first_token_s = first_token_s
                 finally:
                     loop.close()
+                self.last_generation = decoding.result
+                self.last_generation.first_token_s = first_token_s
             except PipelineError:
                 for pipeline in [self.pipeline, *self.watched]:  # a dead or hung stage: leave nothing behind
                     if pipeline is not None:

@@ -20,15 +20,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from decode.common import Generation
 from decode.measure import ar_token_s, figures, predict
-from heads.base import parse_dtype
 from heads.errors import UserError
 from heads.files import read_prompts, run_folder, staged_files
-from heads.schema import check_gamma
 
 MIN_FREE_BYTES = 1 << 20  # answer files are small: a folder with less free is all but full
 
@@ -173,37 +170,12 @@ def methods_of(cfg) -> list[str]:
     return ["ar"] + [m for m in methods if m != "ar"]
 
 
-def wants_batch_invariant(cfg, dtype=None) -> bool:
-    """`batch_invariant`: true / false, or auto = on when eesd runs below fp32 (its multi-position verify pass
-    would round differently from ar's one-position steps; fp32 matched in every run here). `dtype`: the
-    resolved one (default `cfg.dtype`)."""
-    if str(cfg.batch_invariant).lower() != "auto":
-        return bool(cfg.batch_invariant)
-    return "eesd" in methods_of(cfg) and parse_dtype(dtype or cfg.dtype) != torch.float32
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The `auto`s of a decode config that need no model, resolved once per process (every torchrun rank
-    resolves them the same way from the same config)."""
-
-    device: str
-    dtype: str
-    compile: bool
-    batch_invariant: bool
-    rows: int  # the fixed position count of padded compiled steps (0: none)
-
-
-def resolve_settings(cfg, quiet: bool = False) -> Settings:
-    from decode.decoder import padded_rows, resolve_device
-    from heads.hardware import check_device, resolve_compile, resolve_dtype
-
-    device = str(check_device(resolve_device(cfg.device)))
-    dtype = resolve_dtype(cfg.dtype, device, quiet=quiet)
-    compile, batch_invariant = resolve_compile(cfg.compile, device, quiet=quiet), wants_batch_invariant(cfg, dtype)
-    if batch_invariant:
-        check_gamma(cfg.gamma)
-    return Settings(device, dtype, compile, batch_invariant, padded_rows(compile, batch_invariant, cfg.gamma))
+def spec_options(cfg) -> dict:
+    """resolve_spec's options from a checked decode config (heads.schema.DecodeConfig)."""
+    return dict(methods=methods_of(cfg), head_path=cfg.head_path, model=cfg.model, device=cfg.device,
+                dtype=cfg.dtype, compile=cfg.compile, batch_invariant=cfg.batch_invariant, threads=cfg.threads,
+                stage_threads=cfg.stage_threads, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma,
+                window=cfg.window, placement=cfg.placement, timeout_s=cfg.timeout_s)
 
 
 def run(cfg, out_dir: Path, print_text=None) -> dict:
@@ -284,35 +256,29 @@ def answer_all(cfg, decoders: dict, questions: list[dict], output, model_id: str
 
 
 def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> dict:
-    from decode.decoder import Decoder, decode_threads, resolve_base_model
-    from heads import load_base
+    from decode.decoder import Decoder
+    from decode.spec import resolve_spec
 
-    settings = resolve_settings(cfg)
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=settings.dtype, device=settings.device,
-                     batch_invariant=settings.batch_invariant)
-    first_prompt = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
-    check_turn_lengths(base, questions, cfg.max_new_tokens)  # before any model work
-    threads = decode_threads(base, first_prompt, cfg.threads, cfg.stage_threads, cfg.stages)
-    print(f"{settings.device}, {settings.dtype}, {threads['threads']} threads (ar/eesd), {threads['stage_threads']} "
-          f"per ppsd stage" + (f"; ms per AR step by threads: {threads['measured_ms']}" if threads["measured_ms"] else ""),
-          flush=True)
-    kwargs = dict(base=base, stages=cfg.stages, stage_layers=cfg.stage_layers, gamma=cfg.gamma, dtype=settings.dtype,
-                  threads=threads["threads"], stage_threads=threads["stage_threads"], window=cfg.window,
-                  timeout_s=cfg.timeout_s, device=settings.device, compile=settings.compile,
-                  placement=cfg.placement)
+    def first_prompt(base) -> list[int]:  # what threads=auto is measured on, once every turn is known to fit
+        check_turn_lengths(base, questions, cfg.max_new_tokens)
+        return base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
+
+    spec, base, head = resolve_spec(**spec_options(cfg), probe=first_prompt, quiet=False)
+    measured = spec.threads_measured_ms
+    print(f"{spec.device}, {spec.dtype}, {spec.threads} threads (ar/eesd), {spec.stage_threads} per ppsd stage"
+          + (f"; ms per AR step by threads: {measured}" if measured else ""), flush=True)
     decoders = {}
     try:
-        head = None
         for m in methods_of(cfg):
-            decoders[m] = Decoder(m, cfg.head_path if m != "ar" else None, head=head, **kwargs)
-            head = head or decoders[m].head
+            decoders[m] = Decoder.from_spec(spec, m, base=base, head=head)
         pipelines = [d.pipeline for d in decoders.values() if d.pipeline is not None]
         for dec in decoders.values():  # a stage that dies during ar's or eesd's turn is an error at their next token
             dec.watched = pipelines
         if cfg.warmup:  # first calls allocate (and capture graphs); keep that out of the timings
             longest = longest_context(base, questions, cfg.max_new_tokens) if base.runtime.static else 0
+            prompt = base.encode_chat([{"role": "user", "content": questions[0]["turns"][0]}])
             for dec in decoders.values():
-                dec.warm_up(first_prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
+                dec.warm_up(prompt, min(8, cfg.max_new_tokens), longest, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
         captured_before = len(base.runtime.captured)
         done = answer_all(cfg, decoders, questions, output, cfg.model_id or Path(base.name).name, print_text)
@@ -320,17 +286,15 @@ def _run(cfg, out_dir: Path, questions: list[dict], output, print_text=None) -> 
         for dec in decoders.values():
             dec.close()
     summary = summarize(done.gens, done.categories, cfg.gamma, done.records, speed_py_token_count(base.tokenizer))
-    run_facts = {"device": settings.device, "dtype": settings.dtype, "threads": threads,
-                 "captures_while_timing": len(base.runtime.captured) - captured_before}
-    return round_floats(_result(cfg, base, decoders, summary, done, run_facts, len(questions), out_dir))
+    captures = len(base.runtime.captured) - captured_before
+    return round_floats(_result(cfg, spec, base, decoders, summary, done, captures, len(questions), out_dir))
 
 
-def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict, questions: int,
+def _result(cfg, spec, base, decoders: dict, summary: dict, done: Answers, captures: int, questions: int,
             out_dir: Path) -> dict:
-    """The JSON line `python -m decode` prints (and summary.json)."""
+    """The JSON line `python -m decode` prints (and summary.json); `resolved`: why each auto became what it did."""
     figs = summary["figures"]
     main = figs[cfg.method]
-    threads = facts["threads"]
     ticks = main.get("tick_costs")  # ppsd stages driven by this process (decode/local.py)
     return {
         "method": cfg.method,
@@ -340,14 +304,15 @@ def _result(cfg, base, decoders: dict, summary: dict, done: Answers, facts: dict
         "exit_layer": next((d.exit_layer for d in decoders.values() if d.exit_layer is not None), None),
         "model": base.name,
         "head_path": cfg.head_path,
-        "dtype": str(facts["dtype"]),
+        "dtype": spec.dtype,
         "runtime": base.runtime.describe(),
         "capture_s": round(base.runtime.capture_s, 2),
-        "captures_while_timing": facts["captures_while_timing"],
-        "device": facts["device"],
-        "threads": threads["threads"],
-        "stage_threads": threads["stage_threads"],
-        "threads_measured_ms": threads["measured_ms"] or None,
+        "captures_while_timing": captures,
+        "device": spec.device,
+        "threads": spec.threads,
+        "stage_threads": spec.stage_threads,
+        "threads_measured_ms": spec.threads_measured_ms or None,
+        "resolved": spec.reasons,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,

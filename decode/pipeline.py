@@ -15,14 +15,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from decode.protocol import (BEGIN, DONE, DRAFT, END, LAYOUT, PING, PONG, READY, STAT_KEYS, STATS, STOP, VERDICT, WORK,
                              Header, Inbox, Link, Payloads, PipelineError, StageStats)
-from decode.stage import StageSpec, serve
+from decode.spec import RunSpec
+from decode.stage import serve
 from heads.base import parse_dtype
 from heads.errors import UserError
 from heads.hardware import free_port
@@ -52,7 +52,7 @@ def _sigint_ignored_by_children():
         signal.signal(signal.SIGINT, previous)
 
 
-def _spawned_worker(rank: int, world: int, port: int, spec: StageSpec, parent_pid: int) -> None:
+def _spawned_worker(rank: int, world: int, port: int, spec: RunSpec, parent_pid: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     code = 0
     try:
@@ -60,7 +60,7 @@ def _spawned_worker(rank: int, world: int, port: int, spec: StageSpec, parent_pi
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timeout)
         store.set(f"{STARTED}{rank}", "1")  # rank 0 waits for this, watching that we are alive
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-        serve(rank, world, spec)
+        serve(rank, world, spec, torch.device(spec.device))
     except (PipelineError, UserError) as e:
         print(f"error: stage {rank}: {e}", file=sys.stderr, flush=True)
         code = 1
@@ -110,56 +110,55 @@ class Pipeline:
     adopted_ranks = False  # torchrun: the other ranks got their layout (they stop when this pipeline closes)
     worker = staticmethod(_spawned_worker)  # what each spawned stage process runs
 
-    def __init__(self, model_path: str, dtype: str, layout: list[range], *, spawn: bool = True, stage_threads: int = 1,
-                 timeout_s: float = 30.0, worker_timeout_s: float = 3600.0, load_timeout_s: float = 600.0,
-                 device: str = "cpu", vocab_size: int, hidden_size: int, batch_invariant: bool = False,
-                 compile: bool = False, rows: int = 0):
-        self.layout, self.stages = layout, len(layout)
+    def __init__(self, spec: RunSpec, *, hidden_size: int, vocab_size: int, spawn: bool = True):
+        """The stages of `spec.layout` on `spec`'s settings; hidden_size and vocab_size: the base's (the messages'
+        shapes)."""
+        self.spec, self.layout, self.stages = spec, [spec.layers(i) for i in range(spec.stages)], spec.stages
         self.last = self.stages - 1
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.processes: list = []
         self.epoch = 0
         self.closed = False
         self.owns_group = spawn
-        spec = StageSpec(model_path=model_path, dtype=dtype, device=device, threads=stage_threads,
-                         worker_timeout_s=worker_timeout_s, batch_invariant=batch_invariant, compile=compile,
-                         rows=rows)
         if spawn:
-            import torch.multiprocessing as mp
-
-            if dist.is_initialized():
-                raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
-                                "launch with torchrun instead, or from a plain process")
-            port = free_port()
-            timeout = datetime.timedelta(seconds=max(load_timeout_s, worker_timeout_s))
-            store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
-            ctx = mp.get_context("spawn")
-            with _sigint_ignored_by_children():
-                for rank in range(1, self.stages):
-                    p = ctx.Process(target=self.worker, daemon=True,
-                                    args=(rank, self.stages, port, replace(spec, layers=layout[rank]), os.getpid()))
-                    p.start()
-                    self.processes.append(p)
-            try:
-                _join_spawned(store, self.processes, load_timeout_s)
-            except PipelineError:
-                self.kill()
-                raise
-            dist.init_process_group("gloo", store=store, rank=0, world_size=self.stages, timeout=timeout)
-        else:
-            if dist.get_world_size() != self.stages:
-                raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
-                                f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
-        self.link = Link(0, timeout_s, describe=self._describe)
-        if not spawn:
+            self._spawn()
+        elif dist.get_world_size() != self.stages:
+            raise UserError(f"stages={self.stages} but torchrun started {dist.get_world_size()} processes: "
+                            f"use --nproc_per_node {self.stages} (or nnodes × nproc = stages)")
+        self.link = Link(0, spec.timeout_s, describe=self._describe)
+        if not spawn:  # the other ranks compute with this spec, unchanged
             Pipeline.adopted_ranks = True
+            data = torch.frombuffer(bytearray(spec.to_json()), dtype=torch.uint8)
             for rank in range(1, self.stages):
-                self.link.send(rank, Header(LAYOUT, layer_start=layout[rank].start, layer_stop=layout[rank].stop))
+                self.link.send(rank, Header(LAYOUT, n=len(data)), data)
         for rank in range(1, self.stages):  # weights loaded
-            self._expect(self.link.recv_header(rank, timeout=load_timeout_s), READY)
-        self.inbox = Inbox(self.link, self.last, Payloads(hidden_size, parse_dtype(dtype), vocab_size),
+            self._expect(self.link.recv_header(rank, timeout=spec.load_timeout_s), READY)
+        self.inbox = Inbox(self.link, self.last, Payloads(hidden_size, parse_dtype(spec.dtype), vocab_size),
                            threaded=dist.get_backend() == "gloo")
         self.feedback_s = self.measure_feedback()
+
+    def _spawn(self) -> None:
+        """Start stages 1..S-1 as processes of this machine, each given the spec, and join them in a gloo group."""
+        import torch.multiprocessing as mp
+
+        if dist.is_initialized():
+            raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
+                            "launch with torchrun instead, or from a plain process")
+        port = free_port()
+        timeout = datetime.timedelta(seconds=max(self.spec.load_timeout_s, self.spec.worker_timeout_s))
+        store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        with _sigint_ignored_by_children():
+            for rank in range(1, self.stages):
+                p = ctx.Process(target=self.worker, daemon=True, args=(rank, self.stages, port, self.spec, os.getpid()))
+                p.start()
+                self.processes.append(p)
+        try:
+            _join_spawned(store, self.processes, self.spec.load_timeout_s)
+        except PipelineError:
+            self.kill()
+            raise
+        dist.init_process_group("gloo", store=store, rank=0, world_size=self.stages, timeout=timeout)
 
     @property
     def polls(self) -> bool:

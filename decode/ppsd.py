@@ -17,12 +17,12 @@ each emitted token is distributed exactly as the model's p given the verified pr
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import torch
 
+from decode.clock import Clock
 from decode.common import GREEDY, Generation, Sampling, choose, head_logits, lower_step, make_generator
 from decode.protocol import NO_DRAFT, StageStats
 
@@ -36,15 +36,12 @@ def default_window(pipeline) -> int:
 
 @torch.inference_mode()
 def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY,
-                seed: int = 0, stop_ids: set[int] = frozenset(), oracle=None, window: int | None = None) -> Iterator[int]:
+                seed: int = 0, stop_ids: set[int] = frozenset(), oracle=None,
+                window: int | None = None) -> Generator[int, None, Generation]:
     """Yield tokens as they are verified; return a Generation whose stats hold one dict per stage."""
-    start = time.perf_counter()
-    window = window or default_window(pipeline)
-    lower = base.range(0, head.exit_layer)
-    rng = make_generator(seed)
-    n_prompt = len(prompt_ids)
+    clock, window = Clock(), window or default_window(pipeline)
+    lower, rng, n_prompt = base.range(0, head.exit_layer), make_generator(seed), len(prompt_ids)
     last_useful = n_prompt + max_new_tokens - 2  # position p yields generated token p + 1 - n_prompt
-    me = StageStats()
     epoch = pipeline.begin(sampling, seed)
 
     def draft(hidden, pos_ids) -> tuple[int, torch.Tensor | None]:
@@ -53,65 +50,47 @@ def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int
             d = oracle.draft(int(pos_ids[0, -1]) + 1 - n_prompt, d)
         return d, q
 
-    t0 = time.perf_counter()
-    hidden, pos_ids = lower_step(base, lower, torch.tensor([prompt_ids], device=base.device), 0)
-    pipeline.send_work(epoch, 0, hidden)
-    x, q = draft(hidden, pos_ids)
-    pipeline.send_draft(epoch, n_prompt - 1, x, q)
-    me.prefill_s = time.perf_counter() - t0
-    in_flight = deque([n_prompt - 1])  # positions whose verdict is due
-    next_pos = n_prompt
-    tokens, accept_lengths, run = [], [], 0
-    verified = accepted = 0
-    done = False
+    with clock.phase("prefill"):
+        hidden, pos_ids = lower_step(base, lower, torch.tensor([prompt_ids], device=base.device), 0)
+        pipeline.send_work(epoch, 0, hidden)
+        x, q = draft(hidden, pos_ids)
+        pipeline.send_draft(epoch, n_prompt - 1, x, q)
+    in_flight, next_pos = deque([n_prompt - 1]), n_prompt  # positions whose verdict is due; the next to draft
+    tokens, accept_lengths, run, verified, accepted, flushes = [], [], 0, 0, 0, 0
     try:
-        while not done:
+        while True:
             verdicts = []
             if len(in_flight) < window and next_pos <= last_useful and x not in stop_ids:
-                c0, cpu0 = time.perf_counter(), time.thread_time()
-                hidden, pos_ids = lower_step(base, lower, torch.tensor([[x]], device=base.device), next_pos)
-                s0 = time.perf_counter()
+                with clock.phase("compute"):
+                    hidden, pos_ids = lower_step(base, lower, torch.tensor([[x]], device=base.device), next_pos)
                 pipeline.send_work(epoch, next_pos, hidden)
                 verdicts = pipeline.poll_verdicts()  # a rejection already here makes this position stale
-                h0 = time.perf_counter()
-                if all(v.accepted for v in verdicts):
-                    x, q = draft(hidden, pos_ids)
-                else:  # the verifier drops this position: answer its DRAFT without running the head
-                    x, q = NO_DRAFT, None
-                h1 = time.perf_counter()
+                with clock.phase("compute", "head"):  # a stale position's DRAFT is answered without the head
+                    x, q = draft(hidden, pos_ids) if all(v.accepted for v in verdicts) else (NO_DRAFT, None)
                 pipeline.send_draft(epoch, next_pos, x, q)
-                me.compute_s += (s0 - c0) + (h1 - h0)
-                me.head_s += h1 - h0
-                me.cpu_s += time.thread_time() - cpu0
-                me.positions += 1
                 in_flight.append(next_pos)
                 next_pos += 1
-            if not verdicts:
-                verdicts = pipeline.poll_verdicts()
+            verdicts = verdicts or pipeline.poll_verdicts()
             if not verdicts and (len(in_flight) >= window or next_pos > last_useful or x in stop_ids):
                 if not in_flight:
                     raise RuntimeError("ppsd: nothing in flight and nothing to draft (decoder bug)")
-                w0 = time.perf_counter()
-                verdicts = [pipeline.recv_verdict()]
-                me.blocked_s += time.perf_counter() - w0
+                with clock.phase("blocked"):
+                    verdicts = [pipeline.recv_verdict()]
             for verdict in verdicts:
                 pos = in_flight.popleft()
                 if verdict.pos != pos or verdict.epoch != epoch:
                     raise RuntimeError(f"ppsd: verdict for position {verdict.pos} epoch {verdict.epoch}, "
                                        f"expected {pos} epoch {epoch} (decoder bug)")
                 tokens.append(verdict.token)
-                verified += 1
-                accepted += verdict.accepted
-                run += 1
+                verified, accepted, run = verified + 1, accepted + verdict.accepted, run + 1
                 yield verdict.token
                 if verdict.token in stop_ids or len(tokens) >= max_new_tokens:
-                    done = True
-                    break
+                    accept_lengths.append(run)
+                    return _generation(pipeline, epoch, clock, tokens, n_prompt, verified, accepted, accept_lengths,
+                                       flushes, window)
                 if not verdict.accepted:  # flush: restart after `pos` from the model's token
                     accept_lengths.append(run)
-                    run = 0
-                    epoch += 1
-                    me.flushes += 1
+                    run, epoch, flushes = 0, epoch + 1, flushes + 1
                     lower.crop(pos + 1)
                     in_flight.clear()
                     next_pos, x = pos + 1, verdict.token
@@ -119,14 +98,16 @@ def ppsd_decode(base, head, pipeline, prompt_ids: list[int], max_new_tokens: int
     except GeneratorExit:  # the consumer stopped early: close the request so the stages are reusable
         pipeline.end(epoch)
         raise
-    if run:
-        accept_lengths.append(run)
-    me.send_s = pipeline.link.send_s
+
+
+def _generation(pipeline, epoch: int, clock: Clock, tokens: list[int], n_prompt: int, verified: int, accepted: int,
+                accept_lengths: list[int], flushes: int, window: int) -> Generation:
+    """Close the request (every stage's stats come back) and make the answer's Generation."""
+    send_s = pipeline.link.send_s
     stage_stats = pipeline.end(epoch)
-    me.wall_s = time.perf_counter() - start
+    me = StageStats.from_clock(clock, clock.count["head"], send_s=send_s, flushes=flushes)
     per_stage = [s.summary(r) for s, r in zip([me] + stage_stats, pipeline.layout)]
     return Generation(tokens=tokens, method="ppsd", wall_time=me.wall_s, prompt_tokens=n_prompt,
                       drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
-                      stats={"stages": per_stage, "window": window, "flushes": int(me.flushes),
-                             "feedback_s": pipeline.feedback_s, "prefill_s": me.prefill_s,
-                             "polls": pipeline.polls})
+                      stats={"stages": per_stage, "window": window, "flushes": flushes,
+                             "feedback_s": pipeline.feedback_s, "prefill_s": me.prefill_s, "polls": pipeline.polls})

@@ -47,7 +47,7 @@ class Header:
     kind: int
     epoch: int = 0            # WORK, DRAFT, VERDICT, BEGIN, END, DONE, STATS: the request and flush it belongs to
     pos: int = 0              # WORK: first position of the chunk; DRAFT, VERDICT: the position whose next token it is
-    n: int = 0                # WORK: positions in the chunk
+    n: int = 0                # WORK: positions in the chunk; LAYOUT: bytes of the run's spec (JSON) that follow
     token: int = 0            # DRAFT: the draft for the token after `pos`; VERDICT: the model's token
     has_q: bool = False       # DRAFT: the draft distribution q follows (sampling)
     accepted: bool = False    # VERDICT: the draft was accepted
@@ -55,8 +55,6 @@ class Header:
     temperature: float = 0.0  # BEGIN: the request's sampling (heads.sampling.Sampling)
     top_p: float = 1.0
     top_k: int = 0
-    layer_start: int = 0      # LAYOUT: the receiving stage holds layers [layer_start, layer_stop)
-    layer_stop: int = 0
 
     def tensor(self, device) -> torch.Tensor:
         wire = [_float_bits(getattr(self, f.name)) if f.name in FLOAT_FIELDS else int(getattr(self, f.name))
@@ -97,6 +95,8 @@ class Payloads:
             return [((self.vocab_size,), torch.float32)]
         if h.kind in (DONE, STATS):
             return [((len(STAT_KEYS),), torch.float64)]
+        if h.kind == LAYOUT:
+            return [((h.n,), torch.uint8)]
         return []
 
 
@@ -128,6 +128,14 @@ class StageStats:
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "StageStats":
         return cls(*t.tolist())
+
+    @classmethod
+    def from_clock(cls, clock, positions: int, **counts) -> "StageStats":
+        """A request's stats from its decode.clock.Clock: the phases compute (its thread CPU time too), head,
+        prefill, blocked and bubble, the time since the clock started, and `counts` (send_s, dropped, flushes)."""
+        return cls(positions=positions, compute_s=clock.wall["compute"], prefill_s=clock.wall["prefill"],
+                   blocked_s=clock.wall["blocked"], bubble_s=clock.wall["bubble"], wall_s=clock.elapsed(),
+                   cpu_s=clock.cpu["compute"], head_s=clock.wall["head"], **counts)
 
     def summary(self, layers: range) -> dict:
         n = max(self.positions, 1)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from decode.decoder import Decoder, decode_threads, padded_rows, resolve_base_model, resolve_placement
-from heads import load_base
+from decode.decoder import Decoder
+from decode.spec import resolve_placement, resolve_spec
 from heads.errors import UserError
-from heads.hardware import check_device, is_auto, resolve_compile, resolve_dtype
+from heads.hardware import check_device, is_auto
 from heads.schema import METHODS
 
 Prompt = str | list[dict]
@@ -94,20 +94,19 @@ class TextDecoder:
         if method == "ppsd" and resolve_placement(decoder_kwargs.get("placement", "auto"), device, stages,
                                                   torchrun) == "processes" and not torchrun:
             check_spawn_guard()  # streams / devices run every stage in this process: nothing is spawned
-        dtype = resolve_dtype(dtype, device, quiet=quiet)
-        compile = resolve_compile(compile, device, quiet=quiet)
-        if is_auto(batch_invariant):  # below fp32, every method on kernels whose bits do not depend on positions
-            batch_invariant = dtype not in ("float32", "fp32")  # per call: the same greedy text from each (3% on ar)
-        base = load_base(resolve_base_model(head, model), dtype=dtype, device=device,
-                         batch_invariant=bool(batch_invariant))
-        probe = base.encode_chat([{"role": "user", "content": "Hello!"}])
-        resolved = decode_threads(base, probe, threads, stage_threads, stages)
-        decoder = Decoder(method, head if method != "ar" else None, base=base, stages=stages, gamma=gamma, dtype=dtype,
-                          device=device, compile=compile, threads=resolved["threads"],
-                          stage_threads=resolved["stage_threads"], **decoder_kwargs)
-        settings = {"method": method, "why": why, "device": device, "dtype": dtype, "compile": compile,
-                    "batch_invariant": bool(batch_invariant), "threads": resolved["threads"],
-                    "stage_threads": resolved["stage_threads"], "rows": padded_rows(compile, bool(batch_invariant), gamma)}
+        # batch_invariant=auto looks at every method: below fp32 each runs on kernels whose bits do not depend on
+        # positions, so one TextDecoder's greedy text is another's, whatever their methods (3% on ar)
+        spec, base, head_model = resolve_spec(
+            methods=[method], matched=list(METHODS), head_path=head if method != "ar" else None, model=model,
+            device=device, dtype=dtype, compile=compile, batch_invariant=batch_invariant, threads=threads,
+            stage_threads=stage_threads, stages=stages, gamma=gamma, quiet=quiet,
+            probe=lambda base: base.encode_chat([{"role": "user", "content": "Hello!"}]),
+            **{k: v for k, v in decoder_kwargs.items() if k != "exit_layer"})
+        decoder = Decoder.from_spec(spec, method, base=base, head=head_model,
+                                    exit_layer=decoder_kwargs.get("exit_layer"))
+        settings = {"method": method, "why": why, "device": spec.device, "dtype": spec.dtype, "compile": spec.compile,
+                    "batch_invariant": spec.batch_invariant, "threads": spec.threads,
+                    "stage_threads": spec.stage_threads, "rows": spec.rows, "resolved": spec.reasons}
         return cls(decoder, settings)
 
     @property

@@ -67,8 +67,7 @@ def test_split_layers_balanced_explicit_and_errors():
 
 
 def test_messages_round_trip():
-    h = Header(1, epoch=7, pos=123, n=1, token=49151, has_q=True, accepted=True, seed=42, temperature=0.7,
-               layer_start=3, layer_stop=9)
+    h = Header(1, epoch=7, pos=123, n=1, token=49151, has_q=True, accepted=True, seed=42, temperature=0.7)
     back = Header.from_tensor(h.tensor("cpu"))
     assert back == h and back.temperature == 0.7
     s = StageStats(positions=4, compute_s=0.4, send_s=0.04, wall_s=1.0, cpu_s=0.2, dropped=3)
@@ -225,7 +224,30 @@ def test_bad_input_is_one_clear_error(tiny_base, heads, ar):
 def test_batch_invariant_auto_turns_on_for_eesd_below_fp32(setting, method, compare, dtype, expected):
     from omegaconf import OmegaConf
 
-    from decode.evaluate import wants_batch_invariant
+    from decode.evaluate import methods_of
+    from decode.spec import wants_batch_invariant
 
     cfg = OmegaConf.create({"batch_invariant": setting, "method": method, "compare": compare, "dtype": dtype})
-    assert wants_batch_invariant(cfg) is expected
+    assert wants_batch_invariant(cfg.batch_invariant, cfg.dtype, methods_of(cfg))[0] is expected
+
+
+def test_a_decode_loops_generation_comes_back_explicitly_and_its_phases_are_clocked():
+    from decode.clock import Clock
+    from decode.common import Decoding
+
+    def loop():
+        yield 1
+        yield 2
+        return "the generation"
+
+    decoding = Decoding(loop())
+    assert decoding.result is None and list(decoding) == [1, 2] and decoding.result == "the generation"
+    clock = Clock()
+    with clock.phase("compute", "head") as lap:
+        sum(range(1000))
+    with clock.phase(("verify", 3)), clock.phase(("verify", 2)):
+        pass
+    clock.add("blocked", 0.5)
+    assert clock.count["compute"] == clock.count["head"] == 1 and clock.wall["compute"] == clock.wall["head"] == lap.s
+    assert clock.keys("verify") == [2, 3] and clock.mean("blocked") == 0.5 and clock.mean("never") == 0.0
+    assert clock.elapsed() >= lap.s > 0

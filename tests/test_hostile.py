@@ -127,18 +127,24 @@ def test_cross_key_checks():
 
 def test_gamma_is_capped_where_batch_invariance_needs_it():
     """On batch-invariant kernels gamma + 1 positions must run row by row (MAX_ROWS of them at most)."""
-    from decode.evaluate import resolve_settings
+    from decode.evaluate import spec_options
+    from decode.spec import base_settings
     from heads.batch_invariant import MAX_ROWS
+
+    def resolve_settings(cfg) -> dict:  # what the base loads with: resolve_spec's first step
+        options = spec_options(cfg)
+        return base_settings(**{k: options[k] for k in ("methods", "device", "dtype", "compile", "batch_invariant",
+                                                        "gamma")})
 
     longest = MAX_ROWS - 1
     for batch_invariant in (True, "auto"):  # auto: on for eesd in bf16
         options = {"gamma": longest + 1, "batch_invariant": batch_invariant, "dtype": "bfloat16", "compare": ["eesd"]}
         with pytest.raises(UserError, match=rf"gamma={longest + 1} with batch-invariant kernels.*gamma <= {longest}"):
-            resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig), quiet=True)
+            resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options), schema.DecodeConfig))
     assert resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"gamma": longest}),
-                                            schema.DecodeConfig), quiet=True).batch_invariant
+                                            schema.DecodeConfig))["batch_invariant"]
     assert not resolve_settings(config.validate(OmegaConf.merge(_decode_cfg(), options | {"dtype": "float32"}),
-                                                schema.DecodeConfig), quiet=True).batch_invariant  # fp32: any gamma
+                                                schema.DecodeConfig))["batch_invariant"]  # fp32: any gamma
     bench = OmegaConf.merge(_valid("benchmark", None), {"batch_invariant": True, "gammas": [1, longest + 1]})
     with pytest.raises(UserError, match=rf"gammas={longest + 1} with batch-invariant kernels"):
         config.validate(bench, schema.BenchmarkConfig)

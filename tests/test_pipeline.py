@@ -61,13 +61,15 @@ def _dies_while_starting(rank, world, port, spec, parent_pid):  # a stage proces
 
 def test_a_stage_that_dies_while_starting_is_a_clear_error_within_seconds(tiny_base):
     from decode.pipeline import Pipeline
+    from decode.spec import RunSpec
 
     class DyingPipeline(Pipeline):
         worker = staticmethod(_dies_while_starting)
 
     start = time.time()
     with pytest.raises(PipelineError, match="stage 1 exited with code 7 while starting"):
-        DyingPipeline(str(tiny_base.folder), "float32", [range(0, 3), range(3, tiny_base.num_layers)],
+        DyingPipeline(RunSpec(str(tiny_base.folder), "cpu", "float32", threads=1, stage_threads=1,
+                              layout=((0, 3), (3, tiny_base.num_layers))),
                       vocab_size=tiny_base.vocab_size, hidden_size=tiny_base.hidden_size)
     assert time.time() - start < 30  # the process group's own timeout would be an hour
     assert not torch.distributed.is_initialized()
@@ -108,6 +110,10 @@ def test_command_contract(tiny_model_dir, head_dir, spec_bench_path, tmp_path):
                 "predicted_speedup", "measured_over_predicted", "lossless", "compare", "fastest_method"):
         assert key in result, key
     assert result["method"] == "ppsd" and result["stages"] == 2 and result["exit_layer"] == 2
+    resolved = result["resolved"]  # why each auto became what it did; threads=1 was asked for
+    assert "threads" not in resolved and resolved["compile"].startswith("false: a CPU")
+    assert resolved["placement"].startswith("processes: cpu") and resolved["window"].startswith("2:")
+    assert resolved["layout"].startswith(str(result["stage_layers"]))
     assert result["lossless"] is True and set(result["compare"]) == {"ar", "eesd"}
     assert result["fastest_method"] in ("ar", "eesd", "ppsd")
     answers = [json.loads(line) for line in (tmp_path / "answers_ppsd.jsonl").read_text().splitlines()]
@@ -193,3 +199,51 @@ def test_nccl_uses_this_ranks_gpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"  # one process: its GPU, or as asked
+
+
+def _torchrun_rank_1(port: int, received) -> None:
+    """Rank 1 of a two-rank gloo group, as under torchrun: its spec comes from rank 0 (`serve` is replaced by a
+    recorder, so no model loads)."""
+    import torch.distributed as dist
+
+    import decode.stage as stage
+
+    stage.serve = lambda rank, world, spec, device: received.put((rank, spec.to_json(), str(device)))
+    store = dist.TCPStore("127.0.0.1", port, 2, False)
+    dist.init_process_group("gloo", store=store, rank=1, world_size=2)
+    stage.serve_torchrun(timeout_s=60)
+    dist.destroy_process_group()
+
+
+def test_torchrun_ranks_compute_with_rank_0s_spec_unchanged():
+    """Rank 0 resolves the RunSpec once; the other ranks get it whole (JSON after the LAYOUT message), never
+    resolving their own settings (threads, dtype, layout, the reasons)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from decode.protocol import LAYOUT, Header, Link
+    from decode.spec import RunSpec
+    from heads.hardware import free_port
+
+    spec = RunSpec("/models/base", "cpu", "bfloat16", threads=3, stage_threads=5, compile=True, batch_invariant=True,
+                   rows=5, gamma=4, window=2, placement="processes", layout=((0, 2), (2, 6)), timeout_s=7.0,
+                   reasons={"threads": "3: fastest of {1: 9.0, 3: 4.1} ms per AR step"},
+                   threads_measured_ms={1: 9.0, 3: 4.1})
+    assert RunSpec.from_json(spec.to_json()) == spec and RunSpec.from_json(spec.to_json()).reasons == spec.reasons
+    ctx = mp.get_context("spawn")
+    received, port = ctx.Queue(), free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)
+    child = ctx.Process(target=_torchrun_rank_1, args=(port, received), daemon=True)
+    child.start()
+    try:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=2)
+        data = torch.frombuffer(bytearray(spec.to_json()), dtype=torch.uint8)
+        link = Link(0, 30.0)
+        link.send(1, Header(LAYOUT, n=len(data)), data)
+        link.finish_sends()
+        rank, got, device = received.get(timeout=60)
+    finally:
+        child.join(30)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert (rank, device) == (1, "cpu") and got == spec.to_json()
