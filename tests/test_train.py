@@ -40,13 +40,30 @@ def test_losses_and_metrics_on_known_distributions():
     assert mix.item() == pytest.approx(0.75 * kl_loss(student, teacher).item() + 0.25 * ce.item(), rel=1e-5)
 
 
+def test_topk_soft_targets_are_ce_at_k1_and_ignore_the_tail():
+    from train.losses import topk_loss
+
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 40), torch.randn(6, 40)
+    assert distill_loss(student, teacher, "topk", 3.0, top_k=1).item() == pytest.approx(
+        distill_loss(student, teacher, "ce").item(), rel=1e-6)
+    # k = V at T = 1 is the cross-entropy to the teacher's whole distribution: KL plus the teacher's entropy
+    p = teacher.softmax(-1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert topk_loss(student, teacher, 40).item() == pytest.approx((kl_loss(student, teacher) + entropy).item(), rel=1e-5)
+    # the tail outside the top k does not matter
+    tail = teacher.clone()
+    tail[tail < tail.topk(4, dim=-1).values[:, -1:]] = -30.0
+    assert topk_loss(student, tail, 4, 2.0).item() == pytest.approx(topk_loss(student, teacher, 4, 2.0).item(), rel=1e-6)
+
+
 def test_a_shared_teacher_view_scores_like_the_raw_logits():
     """A multi-exit step computes the teacher's argmax and probabilities once for every head."""
     torch.manual_seed(0)
     teacher, students = torch.randn(7, 50), [torch.randn(7, 50) for _ in range(3)]
     view = TeacherView(teacher)
     for s in students:
-        for kind in ("kl", "ce", "mix"):
+        for kind in ("kl", "ce", "mix", "topk"):
             assert torch.equal(distill_loss(s, view, kind, 2.0), distill_loss(s, teacher, kind, 2.0))
         assert torch.equal(top1_agreement(s, view), top1_agreement(s, teacher))
         assert torch.equal(expected_acceptance(s, view), expected_acceptance(s, teacher))
@@ -237,6 +254,22 @@ def test_two_block_mlp_head_trains_and_saves_both_blocks(tiny_model_dir, tiny_ba
     assert head.down.weight.abs().sum() > 0 and head.blocks[0].down.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("extra, reads", [("head=mlp_token", ["token"]), ("head.aux_layer=1", ["layer 1"])])
+def test_mlp_head_with_an_extra_input_trains_and_loads(tiny_model_dir, tiny_base, prompt_file, tmp_path, extra, reads):
+    result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                             extra, "head.mlp_hidden=16", "max_steps=4", "loss=topk", "top_k=3"))
+    head = load_head(result["head_path"], tiny_base)
+    assert head.extra_inputs == reads and 0 <= result["heldout_top1"] <= 1
+    assert head.metadata["training"]["loss"] == "topk" and head.metadata["training"]["top_k"] == 3
+    # it must be given what it reads: h_E alone (what decoding passes) is a clear error, not a silent guess
+    h, a, b = torch.randn(3, 1, 2, tiny_base.hidden_size)
+    with pytest.raises(UserError, match="reads"):
+        head(h)
+    key = "token_embeds" if reads == ["token"] else "aux_hidden"
+    # the trained head's output depends on its extra input
+    assert not torch.allclose(head(h, **{key: a}), head(h, **{key: b}))
+
+
 def test_several_prompt_sources_are_also_scored_each_on_its_own(tiny_model_dir, prompt_file, tmp_path):
     other = _write(tmp_path / "other.jsonl", [json.dumps({"id": f"o{i}", "turns": [f"Name a colour ({i})."]})
                                               for i in range(8)])
@@ -255,6 +288,8 @@ def test_several_prompt_sources_are_also_scored_each_on_its_own(tiny_model_dir, 
     (["exit_layer=6"], "outside 1..5"),
     (["exit_layers=[0,3]"], "outside 1..5"),
     (["head.type=lstm"], "unknown head type"),
+    (["head.aux_layer=3"], "aux_layer=3"),
+    (["head=transformer", "head.token_input=true"], "mlp head"),
     (["resume=true"], "holds no checkpoint"),
 ])
 def test_bad_config_is_a_user_error(tiny_model_dir, prompt_file, tmp_path, overrides, words):
