@@ -4,10 +4,6 @@ turn into a prediction of the full model's next token.
 - `mlp`: x + W2·silu(W1·rmsnorm(x)), the last projection zero-initialised so an untrained head is the
   "logit lens" (the base's own LM head read at layer E). With `mlp_layers` > 1, further such residual blocks
   follow (each zero-initialised the same way); it still maps h_E -> hidden, so decoding needs no change.
-  Extra inputs (`token_input`: the embedding of the token at the position read, EAGLE's token input;
-  `aux_layer`: the hidden state after an earlier layer) each add their own rmsnorm + projection into the first
-  block's hidden layer, so the output is still h_E + a zero-initialised correction. Such a head must be given
-  its extra inputs: decoding does not carry them (docs/experiments.md, 2026-12-05: they did not help).
 - `transformer`: one decoder layer of the base's own architecture, initialised from the base's layer E
   weights. It attends over earlier positions, so at decode time it keeps a KV cache slot of its own
   (layer index N, right after the base's layers, in the same cache as the layers that feed it).
@@ -74,8 +70,6 @@ class ExitHead(
         base_config: dict,
         mlp_hidden: int = 0,
         mlp_layers: int = 1,
-        token_input: bool = False,
-        aux_layer: int | None = None,
         base_revision: str | None = None,
         metadata: dict | None = None,
         base: dict | None = None,
@@ -87,13 +81,8 @@ class ExitHead(
         num_layers = config.num_hidden_layers
         if not 1 <= exit_layer <= num_layers - 1:
             raise UserError(f"exit_layer={exit_layer} is outside 1..{num_layers - 1} for this {num_layers}-layer base")
-        if (token_input or aux_layer is not None) and head_type != "mlp":
-            raise UserError("token_input and aux_layer are options of the mlp head: pass head=mlp")
-        if aux_layer is not None and not 1 <= aux_layer < exit_layer:
-            raise UserError(f"aux_layer={aux_layer} must be an earlier layer than the exit layer {exit_layer} (1..{exit_layer - 1})")
         self.head_type = head_type
         self.exit_layer = exit_layer
-        self.token_input, self.aux_layer = token_input, aux_layer
         self.base_model = base_model
         self.base_identity = base  # the exact base trained on (heads.base.base_identity); None in older heads
         self.num_base_layers = num_layers
@@ -111,12 +100,6 @@ class ExitHead(
             self.down = nn.Linear(width, config.hidden_size, bias=False)
             nn.init.zeros_(self.down.weight)
             self.blocks = nn.ModuleList(ResidualMLP(config.hidden_size, width, eps) for _ in range(mlp_layers - 1))
-            if token_input:
-                self.token_norm = nn.RMSNorm(config.hidden_size, eps=eps)
-                self.token_up = nn.Linear(config.hidden_size, width, bias=False)
-            if aux_layer is not None:
-                self.aux_norm = nn.RMSNorm(config.hidden_size, eps=eps)
-                self.aux_up = nn.Linear(config.hidden_size, width, bias=False)
         else:
             # Its own cache slot sits right after the base's layers.
             self.layer = decoder_layer_class(config)(config, num_layers)
@@ -130,26 +113,10 @@ class ExitHead(
         """The cache slot a transformer head uses."""
         return self.num_base_layers
 
-    @property
-    def extra_inputs(self) -> list[str]:
-        """What the head reads besides h_E, in words ([] for the heads decoding runs)."""
-        return (["token"] if self.token_input else []) + ([f"layer {self.aux_layer}"] if self.aux_layer is not None else [])
-
-    def forward(self, hidden, *, position_embeddings=None, attention_mask=None, position_ids=None, cache=None,
-                token_embeds=None, aux_hidden=None):
-        """hidden (B, T, H) after layer E -> hidden (B, T, H) for the base's final norm + LM head. A head with
-        extra inputs also takes the embeddings of the tokens read (`token_embeds`) and/or the states after its
-        `aux_layer` (`aux_hidden`), each shaped like `hidden`."""
+    def forward(self, hidden, *, position_embeddings=None, attention_mask=None, position_ids=None, cache=None):
+        """hidden (B, T, H) after layer E -> hidden (B, T, H) for the base's final norm + LM head."""
         if self.head_type == "mlp":
-            if (token_embeds is None) == self.token_input or (aux_hidden is None) == (self.aux_layer is not None):
-                raise UserError(f"this {self.describe()} reads {['h_E'] + self.extra_inputs}: give it exactly those "
-                                "inputs (decoding supports heads that read h_E alone)")
-            pre = self.up(self.norm(hidden))
-            if self.token_input:
-                pre = pre + self.token_up(self.token_norm(token_embeds))
-            if self.aux_layer is not None:
-                pre = pre + self.aux_up(self.aux_norm(aux_hidden))
-            hidden = hidden + self.down(nn.functional.silu(pre))
+            hidden = hidden + self.down(nn.functional.silu(self.up(self.norm(hidden))))
             for block in self.blocks:
                 hidden = block(hidden)
             return hidden
@@ -158,17 +125,14 @@ class ExitHead(
                           **{cache_kwarg(type(self.layer).forward): cache})
 
     def describe(self) -> str:
-        extra = f" (+ {', '.join(self.extra_inputs)})" if self.extra_inputs else ""
-        return f"{self.head_type} head at layer {self.exit_layer}/{self.num_base_layers}{extra} of {self.base_model}"
+        return f"{self.head_type} head at layer {self.exit_layer}/{self.num_base_layers} of {self.base_model}"
 
 
-def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0, mlp_layers: int = 1,
-               token_input: bool = False, aux_layer: int | None = None) -> ExitHead:
+def build_head(base, head_type: str, exit_layer: int, mlp_hidden: int = 0, mlp_layers: int = 1) -> ExitHead:
     """A fresh head for `base`; a transformer head starts as a copy of the base's layer `exit_layer`."""
     head = ExitHead(head_type=head_type, exit_layer=exit_layer, base_model=base.name,
                     base_config=base.config.to_diff_dict() | {"model_type": base.config.model_type},
-                    mlp_hidden=mlp_hidden, mlp_layers=mlp_layers, token_input=token_input, aux_layer=aux_layer,
-                    base=base.identity)
+                    mlp_hidden=mlp_hidden, mlp_layers=mlp_layers, base=base.identity)
     head = head.to(device=base.device, dtype=base.dtype)
     if head_type == "transformer":
         head.layer.load_state_dict(base.decoder.layers[exit_layer].state_dict())
@@ -193,8 +157,7 @@ def _head_folder(path_or_id: str) -> Path:
 # config.json's keys (ExitHead's arguments) and their JSON types. A head folder is untrusted input: anything
 # else is a one-line error naming the file, except keys a newer ppsd added, which are dropped with a warning.
 HEAD_CONFIG_TYPES = {"head_type": str, "exit_layer": int, "base_model": str, "base_config": dict,
-                     "mlp_hidden": int, "mlp_layers": int, "token_input": bool, "aux_layer": (int, type(None)),
-                     "base_revision": (str, type(None)), "metadata": (dict, type(None)),
+                     "mlp_hidden": int, "mlp_layers": int, "base_revision": (str, type(None)), "metadata": (dict, type(None)),
                      "base": (dict, type(None))}
 HEAD_CONFIG_REQUIRED = ("head_type", "exit_layer", "base_model", "base_config")
 
@@ -212,7 +175,7 @@ def _checked_head_config(config, config_path: Path) -> dict:
     config = {k: v for k, v in config.items() if k in HEAD_CONFIG_TYPES}
     for key, kind in HEAD_CONFIG_TYPES.items():
         value = config.get(key)
-        if key in config and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+        if key in config and (not isinstance(value, kind) or isinstance(value, bool)):
             raise UserError(f"{config_path}: {key} is {json.dumps(value)[:60]}, which is not a valid {key} "
                             "(the file is damaged or not a ppsd head config): re-export or retrain the head")
     if config["head_type"] not in HEAD_TYPES:

@@ -49,8 +49,6 @@ class HeadOptions(Options):
     type: HeadType = Field(title="head type")
     mlp_hidden: Natural
     mlp_layers: Count
-    token_input: bool
-    aux_layer: Count | None
     lr: Positive
 
 

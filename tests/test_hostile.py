@@ -157,7 +157,7 @@ def _run(module: str, *args, env=None, timeout=120):
 
 
 @pytest.mark.parametrize("module, args, words", [
-    ("train", ["head=lstm"], "Could not find 'head/lstm': use one of mlp, mlp2, mlp_aux, mlp_token, transformer"),
+    ("train", ["head=lstm"], "Could not find 'head/lstm': use one of mlp, mlp2, transformer"),
     ("train", ["batch_size=two"], "batch_size=two is not valid"),
     ("train", ["no_such_key=1"], "'no_such_key' is not an option"),
     ("decode", ["stages=1", "prompt=hi", "head_path=x"], "stages=1 is not valid"),

@@ -28,9 +28,7 @@ _STEP_DIR = re.compile(r"^step_\d{7}$")
 def run_identity(cfg, exit_layers: list[int], base_model: str) -> dict:
     """What a checkpoint must share with the run that resumes it (anything else may change between them)."""
     return {"exit_layers": list(exit_layers), "head_type": str(cfg.head.type), "mlp_hidden": int(cfg.head.mlp_hidden),
-            "base_model": base_model} | ({"mlp_layers": int(cfg.head.mlp_layers)} if cfg.head.mlp_layers != 1 else {}) \
-        | ({"token_input": True} if cfg.head.token_input else {}) \
-        | ({"aux_layer": int(cfg.head.aux_layer)} if cfg.head.aux_layer is not None else {})
+            "base_model": base_model} | ({"mlp_layers": int(cfg.head.mlp_layers)} if cfg.head.mlp_layers != 1 else {})
 
 
 def checkpoint_bytes(cfg, exit_layers: list[int]) -> int:

@@ -28,8 +28,7 @@ def autocast(base, dtype):
 
 
 class FeatureSource:
-    """Hidden states after every exit layer (and every layer a head also reads) and after the last layer, from
-    one frozen-base forward.
+    """Hidden states after every exit layer and after the last layer, from one frozen-base forward.
 
     With `keep=True` each example's states are computed once and reused across epochs.
     """
@@ -76,8 +75,7 @@ class FeatureSource:
 
 
 def collate(base, keyed, feats, exit_layers):
-    """Right-pad the tapped layers' states (`exit_layers`: the FeatureSource's); flatten the loss positions' final
-    states (teacher input)."""
+    """Right-pad the exit-layer states; flatten the loss positions' final states (teacher input)."""
     examples = [e for _, e in keyed]
     width = max(len(e.input_ids) for e in examples)
     hidden = {}
@@ -87,5 +85,5 @@ def collate(base, keyed, feats, exit_layers):
             h[i, :states[j].shape[0]] = states[j]
         hidden[layer] = h
     batch = D.pad_batch(examples, pad_id=0)
-    return {"hidden": hidden, "final": torch.cat([f for _, f in feats]), "input_ids": batch["input_ids"].to(base.device),
+    return {"hidden": hidden, "final": torch.cat([f for _, f in feats]),
             "attention_mask": batch["attention_mask"].to(base.device), "loss_mask": batch["loss_mask"].to(base.device)}

@@ -22,10 +22,9 @@ class HeadSet(nn.Module):
     """Every head of the job; forward = per-head student logits at the loss positions + the teacher's."""
 
     def __init__(self, base, head_type: str, exit_layers: list[int], mlp_hidden: int, lm_head_dtype=None,
-                 mlp_layers: int = 1, token_input: bool = False, aux_layer: int | None = None):
+                 mlp_layers: int = 1):
         super().__init__()
-        self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden, mlp_layers=mlp_layers,
-                                                        token_input=token_input, aux_layer=aux_layer)
+        self.heads = nn.ModuleDict({f"L{e}": build_head(base, head_type, e, mlp_hidden=mlp_hidden, mlp_layers=mlp_layers)
                                     for e in exit_layers})
         self.base = [base]  # a list keeps the frozen base out of this module's parameters and checkpoints
         self.lm_head_dtype = lm_head_dtype  # matmul dtype of the frozen LM head; evaluation sets None (exact)
@@ -54,13 +53,7 @@ class HeadSet(nn.Module):
         for name, head in self.heads.items():
             h = batch["hidden"][int(name[1:])]
             if head.head_type == "mlp":  # position-wise: only the loss positions need it
-                extra = {}
-                if head.token_input:
-                    with torch.no_grad():
-                        extra["token_embeds"] = base.embed(batch["input_ids"][mask])
-                if head.aux_layer is not None:
-                    extra["aux_hidden"] = batch["hidden"][head.aux_layer][mask]
-                out = head(h[mask], **extra)
+                out = head(h[mask])
             else:
                 pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
                 masks = base.attention_masks(h, pos, attention_mask=batch["attention_mask"])
@@ -77,11 +70,9 @@ def warm_start(model: HeadSet, folder: str, base) -> None:
     name = f"L{head.exit_layer}"
     mine = model.heads[next(iter(model.heads))]
     if name not in model.heads or head.head_type != mine.head_type or \
-            (head.head_type == "mlp" and (head.up.out_features, len(head.blocks), head.extra_inputs)
-             != (mine.up.out_features, len(mine.blocks), mine.extra_inputs)):
-        raise UserError(f"init_from={folder} is a {head.describe()}, but this job trains {mine.describe()} heads "
-                        f"at layers {[int(n[1:]) for n in model.heads]}: match exit_layer, head, head.mlp_hidden, "
-                        "head.mlp_layers, head.token_input and head.aux_layer")
+            (head.head_type == "mlp" and (head.up.out_features, len(head.blocks)) != (mine.up.out_features, len(mine.blocks))):
+        raise UserError(f"init_from={folder} is a {head.describe()}, but this job trains {mine.head_type} heads "
+                        f"at layers {[int(n[1:]) for n in model.heads]}: match exit_layer, head, head.mlp_hidden and head.mlp_layers")
     model.heads[name].load_state_dict(head.state_dict())
 
 
@@ -103,7 +94,7 @@ def evaluate(model: HeadSet, base, source: FeatureSource, keyed, exit_layers, ba
     lm_head_dtype, model.lm_head_dtype = model.lm_head_dtype, None  # the exact teacher, whatever trained
     for b in range(0, len(keyed), batch_size):
         chunk = keyed[b:b + batch_size]
-        batch = collate(base, chunk, source.get(chunk), source.exit_layers)
+        batch = collate(base, chunk, source.get(chunk), exit_layers)
         students, teacher = model(batch)
         n = teacher.shape[0]
         sums += head_metrics(students, TeacherView(teacher))[:, 1:] * n

@@ -56,18 +56,7 @@ def exit_layers_of(cfg, num_layers: int) -> list[int]:
     bad = [e for e in layers if not 1 <= e <= num_layers - 1]
     if bad:
         raise UserError(f"exit layer {bad[0]} is outside 1..{num_layers - 1} for this {num_layers}-layer base")
-    aux = cfg.head.aux_layer
-    if aux is not None and (cfg.head.type != "mlp" or aux >= layers[0]):
-        raise UserError(f"head.aux_layer={aux} needs head=mlp and an earlier layer than every exit layer "
-                        f"({layers}): pass head.aux_layer=1..{layers[0] - 1}")
-    if cfg.head.token_input and cfg.head.type != "mlp":
-        raise UserError("head.token_input=true is an option of the mlp head: pass head=mlp_token")
     return layers
-
-
-def head_options(cfg) -> dict:
-    """The HeadSet's head-shape options besides the type and width."""
-    return {"mlp_layers": cfg.head.mlp_layers, "token_input": cfg.head.token_input, "aux_layer": cfg.head.aux_layer}
 
 
 # ---------------------------------------------------------------- schedule and logging
@@ -182,7 +171,7 @@ class DistillRecipe:
 
         cfg, base = self.cfg, self.base
         self.model = model = HeadSet(base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden,
-                                     lm_head_dtype=self.matmul_dtype, **head_options(cfg))
+                                     lm_head_dtype=self.matmul_dtype, mlp_layers=cfg.head.mlp_layers)
         if cfg.init_from:
             warm_start(model, cfg.init_from, base)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -219,10 +208,9 @@ class DistillRecipe:
         """The frozen base's states for this rank's shard (kept if `cache_features`) and, on rank 0, the held-out
         set's exact fp32 states and the untrained heads' held-out metrics."""
         cfg, base = self.cfg, self.base
-        taps = sorted(set(self.exit_layers) | ({cfg.head.aux_layer} if cfg.head.aux_layer is not None else set()))
-        self.source = FeatureSource(base, taps, keep=cfg.cache_features,
+        self.source = FeatureSource(base, self.exit_layers, keep=cfg.cache_features,
                                     batch_size=self.forward_batch_size, autocast_dtype=self.matmul_dtype)
-        self.eval_source = FeatureSource(base, taps, keep=True, batch_size=self.forward_batch_size)
+        self.eval_source = FeatureSource(base, self.exit_layers, keep=True, batch_size=self.forward_batch_size)
         self.t_features = time.time()
         if cfg.cache_features:
             self.source.precompute(self.shard, progress=self.main)
@@ -254,7 +242,7 @@ class DistillRecipe:
         engine.train()
         while step < self.total_steps:
             epoch, keyed = self._batch_at(step)
-            batch = collate(self.base, keyed, self.source.get(keyed), self.source.exit_layers)
+            batch = collate(self.base, keyed, self.source.get(keyed), self.exit_layers)
             students, teacher = engine(batch)
             teacher = TeacherView(teacher.detach())  # argmax and probabilities once per step, whatever the head count
             losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight, cfg.top_k)
@@ -328,7 +316,7 @@ class DistillRecipe:
         if not self.main:
             return None
         cfg = self.cfg
-        model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden, **head_options(cfg))
+        model = HeadSet(self.base, cfg.head.type, self.exit_layers, cfg.head.mlp_hidden, mlp_layers=cfg.head.mlp_layers)
         model.load_state_dict(state)
         model.eval()
         heldout, by_source = self._evaluate(model) if self.eval_set else ({}, {})
