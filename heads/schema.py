@@ -19,7 +19,7 @@ from heads.errors import UserError
 
 HEAD_TYPES = ("mlp", "transformer")
 METHODS = ("ar", "eesd", "ppsd")
-LOSSES = ("kl", "ce", "mix")
+LOSSES = ("kl", "ce", "mix", "topk")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 BENCHMARK_MODES = ("all", "measure", "oracle", "theory", "runtime")
 PLACEMENTS = ("auto", "streams", "devices", "processes")
@@ -104,6 +104,7 @@ class TrainConfig(Options):
     loss: Literal[LOSSES] = Field(title="loss")
     temperature: Positive
     ce_weight: Fraction
+    top_k: Count
     epochs: Count
     max_steps: Count | None
     batch_size: Count

@@ -40,13 +40,30 @@ def test_losses_and_metrics_on_known_distributions():
     assert mix.item() == pytest.approx(0.75 * kl_loss(student, teacher).item() + 0.25 * ce.item(), rel=1e-5)
 
 
+def test_topk_soft_targets_are_ce_at_k1_and_ignore_the_tail():
+    from train.losses import topk_loss
+
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 40), torch.randn(6, 40)
+    assert distill_loss(student, teacher, "topk", 3.0, top_k=1).item() == pytest.approx(
+        distill_loss(student, teacher, "ce").item(), rel=1e-6)
+    # k = V at T = 1 is the cross-entropy to the teacher's whole distribution: KL plus the teacher's entropy
+    p = teacher.softmax(-1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert topk_loss(student, teacher, 40).item() == pytest.approx((kl_loss(student, teacher) + entropy).item(), rel=1e-5)
+    # the tail outside the top k does not matter
+    tail = teacher.clone()
+    tail[tail < tail.topk(4, dim=-1).values[:, -1:]] = -30.0
+    assert topk_loss(student, tail, 4, 2.0).item() == pytest.approx(topk_loss(student, teacher, 4, 2.0).item(), rel=1e-6)
+
+
 def test_a_shared_teacher_view_scores_like_the_raw_logits():
     """A multi-exit step computes the teacher's argmax and probabilities once for every head."""
     torch.manual_seed(0)
     teacher, students = torch.randn(7, 50), [torch.randn(7, 50) for _ in range(3)]
     view = TeacherView(teacher)
     for s in students:
-        for kind in ("kl", "ce", "mix"):
+        for kind in ("kl", "ce", "mix", "topk"):
             assert torch.equal(distill_loss(s, view, kind, 2.0), distill_loss(s, teacher, kind, 2.0))
         assert torch.equal(top1_agreement(s, view), top1_agreement(s, teacher))
         assert torch.equal(expected_acceptance(s, view), expected_acceptance(s, teacher))
@@ -235,6 +252,14 @@ def test_two_block_mlp_head_trains_and_saves_both_blocks(tiny_model_dir, tiny_ba
     assert head.head_type == "mlp" and len(head.blocks) == 1 and head.blocks[0].up.out_features == 16
     # both zero-initialised output projections moved: the second block trained too
     assert head.down.weight.abs().sum() > 0 and head.blocks[0].down.weight.abs().sum() > 0
+
+
+def test_topk_loss_trains_and_is_recorded(tiny_model_dir, tiny_base, prompt_file, tmp_path):
+    result = _run_in_process(_tiny_overrides(tiny_model_dir, prompt_file, tmp_path / "run", tmp_path / "cache",
+                                             "head.mlp_hidden=16", "max_steps=4", "loss=topk", "top_k=3"))
+    head = load_head(result["head_path"], tiny_base)
+    assert head.metadata["training"]["loss"] == "topk" and head.metadata["training"]["top_k"] == 3
+    assert head.down.weight.abs().sum() > 0 and 0 <= result["heldout_top1"] <= 1
 
 
 def test_several_prompt_sources_are_also_scored_each_on_its_own(tiny_model_dir, prompt_file, tmp_path):

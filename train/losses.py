@@ -51,7 +51,15 @@ def argmax_ce_loss(student: torch.Tensor, teacher) -> torch.Tensor:
     return F.cross_entropy(student.float(), _view(teacher).argmax)
 
 
-def distill_loss(student, teacher, kind: str = "kl", temperature: float = 1.0, ce_weight: float = 0.5):
+def topk_loss(student: torch.Tensor, teacher, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy to the teacher's top-k tokens, weighted by their probabilities at temperature T renormalised
+    over the k (soft targets without the long tail KL also fits); the student at T = 1, so k = 1 is `ce`."""
+    top = _view(teacher).logits.float().topk(k, dim=-1)
+    target = F.softmax(top.values / temperature, dim=-1)
+    return -(target * F.log_softmax(student.float(), dim=-1).gather(-1, top.indices)).sum(-1).mean()
+
+
+def distill_loss(student, teacher, kind: str = "kl", temperature: float = 1.0, ce_weight: float = 0.5, top_k: int = 8):
     """`teacher`: logits (P, V) or a TeacherView of them."""
     if kind == "kl":
         return kl_loss(student, teacher, temperature)
@@ -59,6 +67,8 @@ def distill_loss(student, teacher, kind: str = "kl", temperature: float = 1.0, c
         return argmax_ce_loss(student, teacher)
     if kind == "mix":
         return (1 - ce_weight) * kl_loss(student, teacher, temperature) + ce_weight * argmax_ce_loss(student, teacher)
+    if kind == "topk":
+        return topk_loss(student, teacher, top_k, temperature)
     raise ValueError(f"unknown loss '{kind}': use one of {LOSSES}")
 
 

@@ -245,7 +245,8 @@ class DistillRecipe:
             batch = collate(self.base, keyed, self.source.get(keyed), self.exit_layers)
             students, teacher = engine(batch)
             teacher = TeacherView(teacher.detach())  # argmax and probabilities once per step, whatever the head count
-            losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight) for n, s in students.items()}
+            losses = {n: distill_loss(s, teacher, cfg.loss, cfg.temperature, cfg.ce_weight, cfg.top_k)
+                      for n, s in students.items()}
             loss = sum(losses.values())
             engine.backward(loss)
             engine.step()
@@ -341,6 +342,7 @@ class DistillRecipe:
                                   "examples": len(self.train_set), "cache": [str(d) for d in self.data_dirs],
                                   "generation": D.generation_settings(self.data)},
                          "loss": cfg.loss, "temperature": cfg.temperature, "ce_weight": cfg.ce_weight,
+                         "top_k": cfg.top_k,
                          "lr": cfg.head.lr, "steps": self.step, "matmul_dtype": str(self.matmul_dtype),
                          "batch_size": self.batch_size * self.world, "epochs": cfg.epochs, "dtype": str(self.dtype),
                          "seed": cfg.seed},
