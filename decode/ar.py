@@ -7,12 +7,12 @@ the same step runs directly. Sampling (and an eager runtime) calls the layer ran
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from decode.common import GREEDY, Generation, Sampling, Timer, choose, make_generator, positions
+from decode.clock import Clock
+from decode.common import GREEDY, Generation, Sampling, choose, make_generator, positions
 from heads.runtime import CapturedStep
 
 
@@ -56,33 +56,34 @@ def greedy_step(base) -> GreedyStep:
 def ar_decode(base, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
               stop_ids: set[int] = frozenset()) -> Iterator[int]:
     """Yield each new token as it is computed; return a Generation (stats: token_s = mean decode step)."""
-    start = time.perf_counter()
+    clock = Clock()
     generator = make_generator(seed)
     runtime = base.runtime
     step = greedy_step(base) if sampling.greedy and runtime.static and runtime.step_graphs else None
     model = step.begin() if step else base.range(0, base.num_layers)
-    ids = torch.tensor([prompt_ids], device=base.device)
-    hidden = model.forward(base.embed(ids), positions(0, len(prompt_ids), base.device))
-    token, next_ids = _next(base.logits(hidden[:, -1:])[0, -1], sampling, generator)
-    if step:
-        model.reserve(len(prompt_ids) + max_new_tokens)
-        step.token.copy_(next_ids)
-    prefill_s = time.perf_counter() - start
-    tokens, timer = [], Timer()
+    with clock.phase("prefill"):
+        ids = torch.tensor([prompt_ids], device=base.device)
+        hidden = model.forward(base.embed(ids), positions(0, len(prompt_ids), base.device))
+        token, next_ids = _next(base.logits(hidden[:, -1:])[0, -1], sampling, generator)
+        if step:
+            model.reserve(len(prompt_ids) + max_new_tokens)
+            step.token.copy_(next_ids)
+    tokens = []
     while True:
         tokens.append(token)
         yield token
         if token in stop_ids or len(tokens) >= max_new_tokens:
             break
-        with timer:
+        with clock.phase("step"):
             if step:
                 token = step()
             else:
                 hidden = model.forward(base.embed(next_ids), positions(model.length, 1, base.device))
                 token, next_ids = _next(base.logits(hidden)[0, -1], sampling, generator)
-    return Generation(tokens=tokens, method="ar", wall_time=time.perf_counter() - start,
+    return Generation(tokens=tokens, method="ar", wall_time=clock.elapsed(),
                       prompt_tokens=len(prompt_ids), accept_lengths=[1] * len(tokens),
-                      stats={"prefill_s": prefill_s, "token_s": timer.mean, "steps": timer.count})
+                      stats={"prefill_s": clock.wall["prefill"], "token_s": clock.mean("step"),
+                             "steps": clock.count["step"]})
 
 
 def _next(logits: torch.Tensor, sampling: Sampling, generator) -> tuple[int, torch.Tensor]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -147,23 +146,3 @@ def draft_step(base, head, lower, token_ids: torch.Tensor, start: int, with_logi
     position or None). The head runs on every position so its cache stays in step with the layers'."""
     hidden, pos = lower_step(base, lower, token_ids, start)
     return hidden, head_logits(base, head, lower, hidden, pos, with_logits)
-
-
-class Timer:
-    """Accumulates wall time of `with timer:` blocks (and counts them)."""
-
-    def __init__(self):
-        self.total = 0.0
-        self.count = 0
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.total += time.perf_counter() - self._start
-        self.count += 1
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0

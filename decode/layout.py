@@ -3,14 +3,13 @@ balanced by cost (decode/theory.py's `balanced_split`) from per-layer costs this
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from decode import theory
 from decode.common import positions
 from decode.stage_layers import check_stage_layers
 from heads.errors import UserError
+from heads.hardware import median_seconds
 
 
 def split_layers(num_layers: int, exit_layer: int, stages: int, layer_costs=None, lm_head_cost: float = 0.0,
@@ -43,22 +42,11 @@ def split_layers(num_layers: int, exit_layer: int, stages: int, layer_costs=None
 @torch.inference_mode()
 def measure_costs(base, repeats: int = 7) -> tuple[float, float]:
     """(one decoder layer, final norm + LM head) for one position with a short KV cache, seconds (median)."""
-    sync = torch.cuda.synchronize if base.device.type == "cuda" else (lambda: None)  # CUDA kernels are async
     layer = base.loaded_layers.start
     r = base.range(layer, layer + 1)
     h = torch.randn(1, 16, base.hidden_size, dtype=base.dtype, device=base.device)
     r.forward(h, positions(0, 16, base.device))
-    x = h[:, :1]
-    layer_t, head_t = [], []
-    for i in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        r.forward(x, positions(16 + i, 1, base.device))
-        sync()
-        t1 = time.perf_counter()
-        base.logits(x)
-        sync()
-        t2 = time.perf_counter()
-        layer_t.append(t1 - t0), head_t.append(t2 - t1)
-    return sorted(layer_t)[repeats // 2], sorted(head_t)[repeats // 2]
+    x, pos = h[:, :1], positions(16, 1, base.device)
+    layer_s = median_seconds(lambda: r.forward(x, pos), repeats, warmup=1, device=base.device, after=lambda: r.crop(16))
+    return layer_s, median_seconds(lambda: base.logits(x), repeats, warmup=1, device=base.device)
 

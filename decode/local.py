@@ -27,7 +27,9 @@ import time
 
 import torch
 
+from decode.clock import Clock
 from decode.common import GREEDY, Generation, Sampling, choose, head_logits, make_generator, positions, verify
+from heads.hardware import median_seconds
 from heads.runtime import CapturedStep
 
 PLACEMENTS = ("streams", "devices")
@@ -217,7 +219,7 @@ class LocalPipeline:
     def decode(self, prompt_ids: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY, seed: int = 0,
                stop_ids=frozenset(), oracle=None):
         """Yield tokens as they are verified; return the Generation."""
-        start = time.perf_counter()
+        clock = Clock()
         first, last, s = self.stages[0], self.stages[-1], len(self.stages)
         draft_rng, verify_rng = make_generator(seed), make_generator(seed + 1)
         n_prompt = len(prompt_ids)
@@ -233,9 +235,9 @@ class LocalPipeline:
         # the hidden state to the last stage, so a tick without a verdict needs no read at all, and a verdict is
         # read together with the draft it judges. Sampled or oracle drafts are chosen on the host, every tick.
         device_drafts = sampling.greedy and oracle is None
-        self._prefill(prompt_ids, n_prompt + max_new_tokens + s)
-        model_token, _, computed = self._read()
-        prefill_s = time.perf_counter() - start
+        with clock.phase("prefill"):
+            self._prefill(prompt_ids, n_prompt + max_new_tokens + s)
+            model_token, _, computed = self._read()
         drafts = {n_prompt: draft(n_prompt - 1, computed)}  # host-chosen: position -> (token stage 0 runs there, q)
         verdict = (n_prompt - 1, model_token, drafts[n_prompt][0])  # (position, model's token after it, draft judged)
         next_pos, feed = n_prompt, drafts[n_prompt][0]  # stage 0's next position and input (None: its own draft)
@@ -282,10 +284,10 @@ class LocalPipeline:
                 next_pos += 1
         if run:
             accept_lengths.append(run)
-        return Generation(tokens=tokens, method="ppsd", wall_time=time.perf_counter() - start, prompt_tokens=n_prompt,
+        return Generation(tokens=tokens, method="ppsd", wall_time=clock.elapsed(), prompt_tokens=n_prompt,
                           drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
                           stats={"placement": self.placement, "ticks": ticks, "flushes": flushes, "reads": reads,
-                                 "prefill_s": prefill_s, "capture_s": self.capture_s,
+                                 "prefill_s": clock.wall["prefill"], "capture_s": self.capture_s,
                                  "layers": [list(r) for r in self.layout],
                                  "uncaptured": [st.graph_error for st in self.stages if st.graph_error],
                                  "tick_costs": self.tick_costs})
@@ -298,16 +300,9 @@ class LocalPipeline:
         n = len(prompt_ids)
         self._prefill(prompt_ids, n + len(self.stages) + 1)
 
-        def timed(work) -> float:
-            times = []
-            for i in range(repeats + 2):  # the first two capture and warm up
-                begin = time.perf_counter()
-                self._tick(work, int(prompt_ids[-1]))
-                self._read()  # what a verdict tick ends with
-                if i >= 2:
-                    times.append(time.perf_counter() - begin)
-                self._crop(n)
-            return sorted(times)[len(times) // 2]
+        def timed(work) -> float:  # a tick and the read a verdict tick ends with; the first two capture and warm up
+            return median_seconds(lambda: (self._tick(work, int(prompt_ids[-1])), self._read()), repeats, warmup=2,
+                                  after=lambda: self._crop(n))
 
         alone = [timed({j: n}) for j in range(len(self.stages))]
         prefix = [timed({i: n for i in range(j + 1)}) for j in range(len(self.stages))]

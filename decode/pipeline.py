@@ -25,7 +25,7 @@ from decode.spec import RunSpec
 from decode.stage import serve
 from heads.base import parse_dtype
 from heads.errors import UserError
-from heads.hardware import free_port
+from heads.hardware import free_port, median_seconds
 
 
 # ---- spawned stage processes --------------------------------------------------------------------
@@ -193,13 +193,11 @@ class Pipeline:
 
     def measure_feedback(self, rounds: int = 5) -> float:
         """One hop's latency: a ping runs 0 -> 1 -> ... -> S-1 -> 0, i.e. S hops (median of `rounds`)."""
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
+        def ping() -> None:
             self.link.send(1, Header(PING))
             self._expect(self.inbox.get()[0], PONG)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[rounds // 2] / self.stages
+
+        return median_seconds(ping, rounds) / self.stages
 
     # one request --------------------------------------------------------------------------------
     def begin(self, sampling, seed: int) -> int:

@@ -42,7 +42,7 @@ def resolve_method(method: str, head: str | None, stages: int, device: str) -> t
         return "ar", "no exit head"
     if torch.device(device).type == "cuda" and torch.cuda.device_count() >= stages:
         return "ppsd", f"{torch.cuda.device_count()} GPUs for {stages} stages"
-    return "ar", (f"one device: ppsd and eesd were slower than ar on every machine measured so far "
+    return "ar", ("one device: ppsd and eesd were slower than ar on every machine measured so far "
                   "(pass method=ppsd or eesd to run them anyway)")
 
 

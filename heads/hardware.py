@@ -171,19 +171,34 @@ def thread_candidates(limit: int | None = None) -> list[int]:
     return out + [limit]
 
 
+def median_seconds(call: Callable[[], object], repeats: int, *, warmup: int = 0, device=None,
+                   after: Callable[[], object] | None = None) -> float:
+    """The median wall time of `call` over `repeats` timed calls, after `warmup` untimed ones: the one timing loop
+    of every measurement here. On CUDA the device is synchronized around each call (kernels are asynchronous);
+    `after` runs untimed after each call (e.g. rolling a cache back)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if after is not None:
+            after()
+    return sorted(times)[len(times) // 2]
+
+
 def fastest_threads(step: Callable[[], object], candidates: list[int], repeats: int = 6) -> tuple[int, dict[int, float]]:
     """Time `step` (a representative unit of work, e.g. one decode step) under each thread count; the fastest
-    (best of `repeats` runs, after one warm-up) and every median measured, in seconds."""
+    (by the median of `repeats` runs, after one warm-up) and every median measured, in seconds."""
     timings = {}
     for n in candidates:
         with torch_threads(n):
-            step()
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                step()
-                runs.append(time.perf_counter() - start)
-        timings[n] = sorted(runs)[len(runs) // 2]
+            timings[n] = median_seconds(step, repeats, warmup=1)
     return min(timings, key=timings.get), timings
 
 

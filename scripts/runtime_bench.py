@@ -48,6 +48,7 @@ from decode.common import run_to_end
 from decode.eesd import eesd_decode
 from heads import UserError, load_base, load_head
 from heads.files import read_prompts
+from heads.hardware import median_seconds
 from scripts.overhead import call_floor, captured_call, tiny_model
 
 PROMPT = list(range(100, 120))
@@ -101,14 +102,7 @@ def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Bytes per second moved by a large tensor copy (read + write), the bound a decode step streams at."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), repeats, warmup=1, device=device)
 
 
 @dataclass(frozen=True)
@@ -162,14 +156,7 @@ def random_llama(shape: Shape, device, dtype=torch.bfloat16):
 
 def timed_ms(device, call, repeats: int) -> float:
     """Median wall time of `call` in ms (the device synchronized around each call)."""
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        call()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    return median_seconds(call, repeats, device=device) * 1e3
 
 
 def verify_ms(base, positions_count: int, repeats: int) -> float:

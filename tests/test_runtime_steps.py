@@ -3,7 +3,6 @@ step through the graphs' stand-in (`HostGraph`, whose replay runs the kernels an
 as a CUDA graph's does) gives the uncaptured tokens, captures once per cache size and keeps the cache lengths."""
 
 import pytest
-import torch
 
 from decode.ar import ar_decode, greedy_step
 from decode.common import run_to_end

@@ -236,7 +236,7 @@ def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens:
     answer holds one row, not a batch. The host looks at the rows every `check_every` steps (a read of device
     memory waits for the GPU; a finished row runs a few steps more, discarded). Greedy and sampled answers
     take this same path; a row's greedy answer is the one it gets alone."""
-    from heads.runtime import SlotKV, cache_len_for
+    from heads.cache import SlotKV, cache_len_for
 
     device, count = base.device, len(prompts_ids)
     if not count:
