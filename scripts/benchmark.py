@@ -29,7 +29,7 @@ from decode.measure import (MS, TimedRun, eesd_costs, format_table, format_tp_ta
 from heads.cli import entry_point
 from heads.errors import UserError
 from heads.files import read_prompts
-from heads.hardware import resolve_compile, torch_threads
+from heads.hardware import torch_threads
 from heads.schema import BenchmarkConfig
 
 
@@ -144,19 +144,26 @@ def planned_runs(cfg: DictConfig) -> int:
     return runs
 
 
-def load_model(cfg: DictConfig):
+def resolved_settings(cfg) -> dict:
+    """device, dtype, compile and batch_invariant with every auto resolved (and why: `reasons`), by the rules
+    `python -m decode` resolves them by (decode.spec.base_settings)."""
+    from decode.spec import base_settings
+
+    return base_settings(methods=["ar", "eesd", "ppsd"], device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+                         batch_invariant=cfg.batch_invariant, quiet=False)
+
+
+def load_model(cfg: DictConfig, settings: dict):
     """The base and the head every method shares (an untrained head of `head_type` for oracle runs
     without head_path: oracle drafts replace its tokens, its cost is all that matters)."""
-    from decode.decoder import resolve_base_model, resolve_device
     from decode.layout import measure_costs
+    from decode.spec import resolve_base_model
     from heads import build_head, load_base, load_head
-    from heads.hardware import check_device, resolve_dtype
 
     if not cfg.head_path and cfg.mode != "oracle":
         raise UserError(f"mode={cfg.mode} measures a trained head: pass head_path=FOLDER (or use mode=oracle)")
-    device = str(check_device(resolve_device(cfg.device)))
-    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=resolve_dtype(cfg.dtype, device),
-                     device=device, batch_invariant=bool(cfg.batch_invariant))
+    base = load_base(resolve_base_model(cfg.head_path, cfg.model), dtype=settings["dtype"], device=settings["device"],
+                     batch_invariant=settings["batch_invariant"])
     if cfg.head_path:
         from decode.decoder import check_exact_base
 
@@ -179,7 +186,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
     from decode.decoder import decode_threads
 
     load = os.getloadavg()[0]
-    base, head = load_model(cfg)
+    settings = resolved_settings(cfg)
+    base, head = load_model(cfg, settings)
     texts = load_prompts(cfg.prompts, cfg.num_prompts)
     prompt_ids = [base.encode_chat([{"role": "user", "content": t}]) for t in texts]
     longest = max(map(len, prompt_ids)) + cfg.max_new_tokens  # the warm-up's length on a static runtime
@@ -187,7 +195,7 @@ def run_benchmark(cfg: DictConfig) -> dict:
     cfg = cfg.model_copy(update={"dtype": str(base.dtype).removeprefix("torch."), "ar_threads": threads["threads"],
                                  "stage_threads": threads["stage_threads"]})  # the resolved options, for what follows
     n, common = cfg.max_new_tokens, dict(base=base, head=head, dtype=cfg.dtype, device=str(base.device),
-                                         compile=resolve_compile(cfg.compile, str(base.device)))
+                                         compile=settings["compile"])
     torch.manual_seed(cfg.seed)
     print(f"{base.name} {cfg.dtype} on {base.device}, {head.describe()}, {len(prompt_ids)} prompts × {n} new tokens, "
           f"{cfg.ar_threads} AR threads (ms per AR step by threads: {threads['measured_ms'] or 'not measured'}), "
@@ -195,7 +203,8 @@ def run_benchmark(cfg: DictConfig) -> dict:
 
     progress = Progress(planned_runs(cfg))
     try:
-        return _run_benchmark(cfg, base, head, prompt_ids, longest, common, threads, load, progress)
+        result = _run_benchmark(cfg, base, head, prompt_ids, longest, common, threads, load, progress)
+        return result | {"resolved": settings["reasons"]}  # why each auto became what it did
     finally:
         progress.close()
 

@@ -56,6 +56,7 @@ def test_measure_and_oracle_on_tiny_model(tiny_model_dir, tiny_head, spec_bench_
     assert {"ar_ms_per_token", "ar_1thread_ms_per_token", "stage_layers", "measure", "oracle", "targets",
             "stages_alone_ms"} <= set(result)
     assert result["stage_layers"][0] == [0, 2]
+    assert result["resolved"]["compile"].startswith("false: a CPU")  # each auto, resolved as python -m decode does
     measure = result["measure"]
     assert {"speedup", "alpha", "predicted_speedup", "lossless"} <= set(measure["ppsd"])
     assert measure["eesd"]["gamma"] in (1, 2) and set(measure["eesd"]["sweep"]) == {"1", "2"}
