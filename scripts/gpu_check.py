@@ -27,6 +27,12 @@ error and the next still runs; later steps get what is left of --time-limit):
 each path, eager, compiled, reduce-overhead and the captured replay; `scripts.benchmark mode=runtime`) runs when
 named in `--steps`. The budgets add up to 8 minutes, inside a 10-minute device command. The last line printed is the
 JSON object; every step's full output is kept in `--out-dir`.
+
+`xxlarge` (named alone, longer than one device command): `python -m train data=xxlarge exit_layers=[15,20]` into
+`--out-dir`/xxlarge, resumed from its last checkpoint when one is there; run the same command again on the warm
+machine until the step has no error:
+
+    python -m scripts.gpu_check --steps xxlarge --time-limit 590 --out-dir outputs/xxlarge
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # a shorter oracle sweep than conf/benchmark.yaml's, so the whole check fits one 10-minute device command
 BENCHMARK_DEFAULTS = ["num_prompts=2", "alphas=[0.0,0.5,0.9,1.0]"]
 # seconds each step may take at most (the whole check: --time-limit)
-BUDGETS = {"runtime7b": 150, "teacher": 75, "train": 120, "decode": 45, "benchmark": 45, "shards": 45, "runtime": 150}
+BUDGETS = {"runtime7b": 150, "teacher": 75, "train": 120, "decode": 45, "benchmark": 45, "shards": 45, "runtime": 150,
+           "xxlarge": 570}
 STEPS = "runtime7b,teacher,train,decode,benchmark,shards"
 PLACEMENTS = ("streams", "processes")  # decode runs PPSD once per placement (and EESD once, `decode_eesd`)
 # --tiny: the 7B step's code at a shape a CPU compiles in seconds
@@ -69,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-overrides", default="", help='extra train overrides, e.g. "data=tiny max_steps=20"')
     p.add_argument("--decode-overrides", default="", help="extra decode overrides")
     p.add_argument("--benchmark-overrides", default="", help="extra benchmark overrides")
-    p.add_argument("--steps", default=STEPS, help=f"which checks, comma-separated (default {STEPS}; also: runtime)")
+    p.add_argument("--steps", default=STEPS, help=f"which checks, comma-separated (default {STEPS}; also: runtime, xxlarge)")
     p.add_argument("--placements", default=",".join(PLACEMENTS), help="decode placements, comma-separated")
     p.add_argument("--budget", action="append", default=[], metavar="STEP=SECONDS",
                    help=f"a step's time budget (defaults: {BUDGETS})")
@@ -164,6 +171,14 @@ def untrained_head(model: str, folder: Path) -> str:
     base = load_base(model)
     build_head(base, "mlp", exit_layer=base.num_layers // 2).save_pretrained(folder)
     return str(folder)
+
+
+def xxlarge_args(args) -> list[str]:
+    """The data=xxlarge training (issue: heads that agree more often), resumed where an earlier call left it."""
+    folder = args.out_dir / "xxlarge"
+    resume = ["resume=true"] if (folder / "checkpoints" / "latest").is_file() else []
+    return ["train", f"model={args.model}", "data=xxlarge", "exit_layers=[15,20]", f"out_dir={folder}", *resume,
+            *shlex.split(args.train_overrides)]
 
 
 def train_figures(result: dict) -> dict:
@@ -291,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
                                             *shlex.split(args.train_overrides)], args.out_dir, timeout("train"), env)
         figures_of(steps["train"], train_figures)
         head_path = steps["train"].get("head_path")
+    if "xxlarge" in wanted:
+        steps["xxlarge"] = run_step("xxlarge", xxlarge_args(args), args.out_dir, timeout("xxlarge"))
+        figures_of(steps["xxlarge"], train_figures)
     if "decode" in wanted:
         for placement in [*args.placements.split(","), "eesd"]:
             steps[f"decode_{placement}"] = decode_step(args, head_path, placement, timeout("decode"))

@@ -52,3 +52,16 @@ def test_bad_arguments_are_one_line(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "error:" in capsys.readouterr().err
+
+
+def test_the_xxlarge_training_resumes_where_an_earlier_call_left_it(tmp_path):
+    """data=xxlarge takes longer than one device command: each call resumes the run its --out-dir holds."""
+    from scripts.gpu_check import parse_args, xxlarge_args
+
+    args = parse_args(["--device", "cpu", "--steps", "xxlarge", "--out-dir", str(tmp_path)])
+    first = xxlarge_args(args)
+    assert "data=xxlarge" in first and f"out_dir={tmp_path / 'xxlarge'}" in first and "resume=true" not in first
+    latest = tmp_path / "xxlarge" / "checkpoints" / "latest"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("step_0000100")
+    assert "resume=true" in xxlarge_args(args)
