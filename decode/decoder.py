@@ -55,7 +55,7 @@ def stage_bases(base, layout, devices: list[torch.device]) -> list:
             continue
         other = load_base(str(base.folder), dtype=dtype, device=device, layers=layers, embedding=False,
                           lm_head=i == len(layout) - 1, batch_invariant=base.batch_invariant)
-        other.set_runtime(compile=base.runtime.compile, rows=base.runtime.rows)
+        other.set_runtime(base.runtime.spec)  # stage 0's, resolved
         bases.append(other)
     return bases
 
@@ -103,7 +103,7 @@ class Decoder:
         elif spec.batch_invariant != base.batch_invariant:
             base.set_batch_invariant(spec.batch_invariant)  # a shared base: every method on it computes the same way
         if spec.compile != base.runtime.compile or spec.rows != base.runtime.rows:  # a shared base keeps its graphs
-            runtime = base.set_runtime(compile=spec.compile, rows=spec.rows)
+            runtime = base.set_runtime(spec.runtime)
             if spec.compile and not base.runtime.compile:
                 print(f"compile=true: the base runs {runtime}", flush=True)
         self.base, self.head = base, head
@@ -114,7 +114,7 @@ class Decoder:
                                      spawn=not dist.is_initialized())
         elif method == "ppsd":
             bases = stage_bases(base, self.layout, stage_devices(base.device, spec.stages, spec.placement))
-            self.local = LocalPipeline(bases, head, list(spec.layout), spec.placement)
+            self.local = LocalPipeline(spec, bases, head)
 
     # the spec's settings, as this decoder uses them
     gamma = property(lambda self: self.spec.gamma)

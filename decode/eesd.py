@@ -37,17 +37,18 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
     verified = accepted = 0
     yield token
 
-    on_device = sampling.greedy and oracle is None  # greedy: drafts stay on the device, one host read per round
+    greedy = sampling.greedy and oracle is None  # drafts stay on the device, one host read per round
     while token not in stop_ids and len(tokens) < max_new_tokens:
         pos = n_prompt + len(tokens) - 1            # position of `token`, the last verified one
         budget = min(gamma, max_new_tokens - len(tokens) - 1)  # a round emits at most budget + 1 tokens
-        if on_device:  # compiled: always γ drafts, so one verify shape is captured (the last round's extra is cut)
+        if greedy:  # compiled: always γ drafts, so one verify shape is captured (the last round's extra is cut)
+            drafter = GreedyDrafts(stop_ids)
             count = gamma if base.runtime.compile else budget
-            new, n_ok, k = _greedy_round(base, head, lower, upper, token, pos, count, stop_ids, clock)
-            new, n_ok, k = new[:budget + 1], min(n_ok, budget), min(k, budget)
         else:
-            new, n_ok, k = _sampled_round(base, head, lower, upper, token, pos, budget, stop_ids, clock, sampling,
-                                          (draft_rng, verify_rng), oracle, pos + 1 - n_prompt)
+            drafter = SampledDrafts(stop_ids, sampling, draft_rng, verify_rng, oracle, pos + 1 - n_prompt)
+            count = budget
+        new, n_ok, k = _round(base, head, lower, upper, token, pos, count, clock, drafter)
+        new, n_ok, k = new[:budget + 1], min(n_ok, budget), min(k, budget)
         verified, accepted = verified + n_ok + (n_ok < k), accepted + n_ok  # drafts after a miss don't count
         keep = pos + n_ok + 1                    # positions [0, keep) hold verified inputs
         lower.crop(keep), upper.crop(keep)
@@ -62,62 +63,81 @@ def eesd_decode(base, head, prompt_ids: list[int], max_new_tokens: int, *, gamma
                              "verify_s": {k: clock.mean(("verify", k)) for k in clock.keys("verify")}})
 
 
-def _sampled_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids, clock: Clock,
-                   sampling: Sampling, rngs, oracle, first: int) -> tuple[list[int], int, int]:
-    """One round with drafts chosen on the host (sampled, or an oracle's; `first`: the index among the generated
-    tokens of the round's first draft): up to `budget` drafts, one verify pass, the speculative rule on each draft
-    (decode.common.verify) and the bonus token when all are accepted. Returns (new tokens, drafts accepted, drafts made)."""
-    draft_rng, verify_rng = rngs
-    device = base.device
-    hiddens, drafts, draft_qs, x = [], [], [], token
-    for j in range(budget):
-        with clock.phase("draft"):
-            h, draft_logits = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + j)
-            x, q = choose(draft_logits, sampling, draft_rng)
-            if oracle is not None:
-                x = oracle.draft(first + j, x)
-        hiddens.append(h), drafts.append(x), draft_qs.append(q)
-        if x in stop_ids:  # drafting past an end-of-sequence token is wasted work
-            break
-    k = len(drafts)
-    with clock.phase(("verify", k + 1)):
-        h, _ = draft_step(base, head, lower, torch.tensor([[x]], device=device), pos + k, with_logits=False)
-        hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
-        all_logits = base.logits(hidden)[0]
-    new, n_ok = [], 0
-    for i in range(k):
-        y, ok = verify(all_logits[i], drafts[i], draft_qs[i], sampling, verify_rng)
-        new.append(y)
-        if not ok:
-            break
-        n_ok += 1
-    if n_ok == k and not (k and drafts[-1] in stop_ids):
-        y, _ = choose(all_logits[k], sampling, verify_rng)  # every draft accepted: the bonus token
-        new.append(y)
-    return new, n_ok, k
-
-
-def _greedy_round(base, head, lower, upper, token: int, pos: int, budget: int, stop_ids,
-                  clock: Clock) -> tuple[list[int], int, int]:
-    """One greedy round with every token kept on the device until the verdict: `budget` drafts (each the
-    argmax of the last, fed back as a tensor), one verify pass, then a single read of the model's tokens and
-    the drafts. Returns (new tokens, cut after a stop id; drafts accepted; drafts made)."""
+def _round(base, head, lower, upper, token: int, pos: int, count: int, clock: Clock,
+           drafter: "GreedyDrafts | SampledDrafts") -> tuple[list[int], int, int]:
+    """One round after verified `token` at `pos`: up to `count` drafts through [0, E) + the head, each fed to the
+    next as a (1, 1) tensor; one verify pass (the last draft's [0, E), then [E, N) + LM head over all k + 1
+    positions); the drafter's verdict. Returns (new tokens, drafts accepted, drafts made)."""
     device = base.device
     x = torch.tensor([[token]], device=device)
-    hiddens, drafts = [], []
-    for j in range(budget):
+    hiddens = []
+    for j in range(count):
         with clock.phase("draft"):
             h, draft_logits = draft_step(base, head, lower, x, pos + j)
-            x = draft_logits.argmax(-1).view(1, 1)
-        hiddens.append(h), drafts.append(x)
-    k = len(drafts)
+            x = drafter.draft(draft_logits)
+        hiddens.append(h)
+        if drafter.ended():  # drafting past an end-of-sequence token is wasted work
+            break
+    k = len(hiddens)
     with clock.phase(("verify", k + 1)):
         h, _ = draft_step(base, head, lower, x, pos + k, with_logits=False)
         hidden = upper.forward(torch.cat(hiddens + [h], dim=1), positions(pos, k + 1, device))
-        model = base.logits(hidden)[0].argmax(-1)
-        read = torch.cat([model] + [d.view(1) for d in drafts]).tolist()  # the round's one device -> host sync
-    model, drafted = read[:k + 1], read[k + 1:]
-    n_ok = next((i for i in range(k) if drafted[i] != model[i]), k)
-    new = model[:n_ok + 1]
-    stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
-    return (new if stop is None else new[:stop + 1]), n_ok, k
+        return drafter.verdict(base.logits(hidden)[0])
+
+
+class GreedyDrafts:
+    """Greedy drafts kept on the device until the verdict: each the argmax of the last, then one read of the
+    model's argmaxes and the drafts together (the round's one device-to-host sync)."""
+
+    def __init__(self, stop_ids):
+        self.stop_ids, self.drafts = stop_ids, []
+
+    def draft(self, logits: torch.Tensor) -> torch.Tensor:
+        self.drafts.append(logits.argmax(-1).view(1, 1))
+        return self.drafts[-1]
+
+    def ended(self) -> bool:
+        return False  # knowing would cost a host read per draft
+
+    def verdict(self, logits: torch.Tensor) -> tuple[list[int], int, int]:
+        k = len(self.drafts)
+        read = torch.cat([logits.argmax(-1)] + [d.view(1) for d in self.drafts]).tolist()
+        model, drafted = read[:k + 1], read[k + 1:]
+        n_ok = next((i for i in range(k) if drafted[i] != model[i]), k)
+        new = model[:n_ok + 1]
+        stop = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        return (new if stop is None else new[:stop + 1]), n_ok, k
+
+
+class SampledDrafts:
+    """Drafts chosen on the host (sampled, or an oracle's; `first`: the index among the generated tokens of the
+    round's first draft), judged by the speculative rule (decode.common.verify), with the bonus token when all
+    are accepted."""
+
+    def __init__(self, stop_ids, sampling: Sampling, draft_rng, verify_rng, oracle, first: int):
+        self.stop_ids, self.sampling, self.oracle, self.first = stop_ids, sampling, oracle, first
+        self.draft_rng, self.verify_rng = draft_rng, verify_rng
+        self.drafts, self.qs = [], []
+
+    def draft(self, logits: torch.Tensor) -> torch.Tensor:
+        x, q = choose(logits, self.sampling, self.draft_rng)
+        if self.oracle is not None:
+            x = self.oracle.draft(self.first + len(self.drafts), x)
+        self.drafts.append(x), self.qs.append(q)
+        return torch.tensor([[x]], device=logits.device)
+
+    def ended(self) -> bool:
+        return self.drafts[-1] in self.stop_ids
+
+    def verdict(self, logits: torch.Tensor) -> tuple[list[int], int, int]:
+        k, new, n_ok = len(self.drafts), [], 0
+        for i in range(k):
+            y, ok = verify(logits[i], self.drafts[i], self.qs[i], self.sampling, self.verify_rng)
+            new.append(y)
+            if not ok:
+                break
+            n_ok += 1
+        if n_ok == k and not (k and self.drafts[-1] in self.stop_ids):
+            y, _ = choose(logits[k], self.sampling, self.verify_rng)  # every draft accepted: the bonus token
+            new.append(y)
+        return new, n_ok, k

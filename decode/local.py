@@ -29,6 +29,7 @@ import torch
 
 from decode.clock import Clock
 from decode.common import GREEDY, Generation, Sampling, choose, head_logits, make_generator, positions, verify
+from decode.spec import RunSpec
 from heads.hardware import median_seconds
 from heads.runtime import CapturedStep
 
@@ -152,21 +153,22 @@ class Stage:
 
 
 class LocalPipeline:
-    """PPSD stages driven by this process. `bases[i]` holds stage i's layers (the same Base for every stage with
-    placement=streams; one per GPU with placement=devices); `layout` lists each stage's (start, end)."""
+    """PPSD stages driven by this process, laid out as `spec` says (layout, placement). `bases[i]` holds stage i's
+    layers (the same Base for every stage with placement=streams; one per GPU with placement=devices)."""
 
-    def __init__(self, bases, head, layout, placement: str = "streams"):
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement={placement}: a local pipeline is one of {PLACEMENTS}")
-        if len(bases) != len(layout) or len(layout) < 2:
+    def __init__(self, spec: RunSpec, bases, head):
+        if spec.placement not in PLACEMENTS:
+            raise ValueError(f"placement={spec.placement}: a local pipeline is one of {PLACEMENTS}")
+        if len(bases) != spec.stages or spec.stages < 2:
             raise ValueError("a local pipeline needs one base per stage and at least two stages")
-        self.placement, self.layout, self.head = placement, list(layout), head
+        self.spec, self.head = spec, head
+        self.placement, self.layout = spec.placement, list(spec.layout)
         self.tick_costs: dict | None = None  # the latest measure_ticks
         cuda = bases[0].device.type == "cuda"
         self.stages = []
-        for i, (base, (start, end)) in enumerate(zip(bases, layout)):
+        for i, (base, (start, end)) in enumerate(zip(bases, spec.layout)):
             stream = torch.cuda.Stream(device=base.device) if cuda else None
-            self.stages.append(Stage(base, start, end, head=head if i == 0 else None, last=i == len(layout) - 1,
+            self.stages.append(Stage(base, start, end, head=head if i == 0 else None, last=i == spec.stages - 1,
                                      stream=stream))
 
     @property

@@ -23,6 +23,7 @@ from heads.errors import UserError
 from heads.hardware import (check_device, cores, fastest_threads, is_auto, native_bf16, process_threads,
                             resolve_compile, resolve_dtype, thread_candidates)
 from heads.head import read_head_config
+from heads.runtime import RuntimeSpec
 from heads.schema import METHODS, PLACEMENTS, check_gamma
 
 
@@ -51,6 +52,11 @@ class RunSpec:
     @property
     def stages(self) -> int:
         return len(self.layout) or 1
+
+    @property
+    def runtime(self) -> RuntimeSpec:
+        """How every base of this run runs its layer ranges (heads.runtime.Runtime)."""
+        return RuntimeSpec(compile=self.compile, rows=self.rows)
 
     def layers(self, stage: int) -> range:
         return range(*self.layout[stage])

@@ -30,8 +30,7 @@ class VerifyStage:
         layers = spec.layers(rank)
         self.base = load_base(spec.model_path, dtype=spec.dtype, device=device, layers=layers, embedding=False,
                               lm_head=self.last, batch_invariant=spec.batch_invariant)
-        if spec.compile:
-            self.base.set_runtime(compile=True, rows=spec.rows)
+        self.base.set_runtime(spec.runtime)
         self.layers = self.base.range(layers.start, layers.stop)
         self.link = Link(rank, spec.worker_timeout_s)
         # Readers keep a receive posted on every incoming link, so a message lands while this stage computes:

@@ -28,7 +28,7 @@ from heads import batch_invariant
 from heads.cache import StaticKV, static_mask
 from heads.errors import UserError
 from heads.files import atomic_folder, atomic_write_json, writable_cache
-from heads.runtime import LayerRange, Runtime
+from heads.runtime import LayerRange, Runtime, RuntimeSpec
 
 DEFAULT_MODEL = "smollm2"
 
@@ -324,13 +324,11 @@ class Base:
         self.runtime = Runtime(self)  # how its layer ranges run: eager until set_runtime says otherwise
         self._identity = None
 
-    def set_runtime(self, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
-                    rows: int = 0) -> str:
-        """Run layer ranges on compiled steps (which imply static caches), static caches alone, or eager
-        (`Runtime.for_base` says which this base allows); returns a line saying which. The new runtime starts
-        with new caches and no captured graph."""
-        self.runtime, note = Runtime.for_base(self, compile=compile, static=static, compile_mode=compile_mode,
-                                              rows=rows)
+    def set_runtime(self, spec: RuntimeSpec | None = None, **settings) -> str:
+        """Run layer ranges as `spec` (or a RuntimeSpec of `settings`: compile, static, compile_mode, rows; none:
+        eager) asks, as far as this base allows (`Runtime.for_base`); returns a line saying how. The new runtime
+        starts with new caches and no captured graph."""
+        self.runtime, note = Runtime.for_base(self, spec or RuntimeSpec(**settings))
         batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)
         return note or self.runtime.describe()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -67,18 +68,20 @@ def compile_step(fn, mode: str | None, cpu: bool = False):
     return torch.compile(fn, dynamic=False, options=options)
 
 
-def run_padded(base, hidden, start: int, end: int, *, position_ids, cache, rows: int = 0):
-    """`base.run_layers` on a static cache, as a compiled step runs it: with `rows`, padded to that many positions
-    (zero hidden states at the following positions), then the cache length is moved back past the real ones."""
-    pad = rows - hidden.shape[1]
-    if pad <= 0:
-        return base.run_layers(hidden, start, end, position_ids=position_ids, cache=cache)
-    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))
-    more = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
-    out = base.run_layers(hidden, start, end, position_ids=torch.cat([position_ids, more], 1), cache=cache)
+def layers_then_unpad(base, hidden, start: int, end: int, *, position_ids, cache, pad: torch.Tensor):
+    """The compiled step of a padded runtime: `base.run_layers` on `rows` positions, the last `pad` (a 0-d tensor,
+    so one graph serves every count) of them padding, then the cache length moved back past the real ones."""
+    out = base.run_layers(hidden, start, end, position_ids=position_ids, cache=cache)
     for layer in cache.layers[start:end]:
         layer.cumulative_length.sub_(pad)
-    return out[:, :rows - pad]
+    return out
+
+
+def padded(hidden, position_ids, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hidden` and its positions padded to `rows` positions: zero hidden states at the positions that follow."""
+    pad = rows - hidden.shape[1]
+    more = position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)
+    return torch.nn.functional.pad(hidden, (0, 0, 0, pad)), torch.cat([position_ids, more], 1)
 
 
 class CaptureLog:
@@ -94,47 +97,63 @@ class CaptureLog:
         self.seconds += seconds
 
 
-class Runtime:
-    """How a base's layer ranges run: `static` caches (owned here, one per range and row count), `compile`d steps
-    (imply static) in `compile_mode`, padded to `rows` positions (> 0: batch-invariant compiled steps).
-    `step_graphs`: greedy AR replays its whole step as one hand-captured CUDA graph (`CapturedStep`); off, it calls
-    the compiled layer range (torch's own graphs) per token. (PPSD stages on CUDA always capture their step.)"""
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How a base's layer ranges run: the runtime's part of a run's resolved spec (`decode.spec.RunSpec.runtime`).
+    `compile`d steps imply `static` caches; `compile_mode` "auto" is CUDA graphs ("reduce-overhead") on a GPU and
+    inductor's default on a CPU; `rows` > 0 pads every compiled step to that many positions (batch-invariant
+    compiled steps)."""
 
-    def __init__(self, base=None, *, static: bool = False, compile: bool = False, compile_mode: str | None = None,
-                 rows: int = 0, caches: dict | None = None, log: CaptureLog | None = None):
+    compile: bool = False
+    static: bool = False
+    compile_mode: str | None = "auto"
+    rows: int = 0
+
+
+class Runtime:
+    """How a base's layer ranges run, as its resolved `spec` says: `static` caches (owned here, one per range and row
+    count), `compile`d steps in `compile_mode`, padded to `rows` positions. `step_graphs`: greedy AR replays its
+    whole step as one hand-captured CUDA graph (`CapturedStep`); off, it calls the compiled layer range (torch's
+    own graphs) per token. (PPSD stages on CUDA always capture their step.)"""
+
+    def __init__(self, base=None, spec: RuntimeSpec = RuntimeSpec(compile_mode=None), *, caches: dict | None = None,
+                 log: CaptureLog | None = None):
         self.base = base
-        self.static = static or compile
-        self.compile = compile
-        self.compile_mode = compile_mode
+        self.spec = replace(spec, static=spec.static or spec.compile)
         self.cpu = base is not None and base.device.type == "cpu"
-        self.rows = rows
         self.step_graphs = True
         self.caches: dict[tuple[int, int, int], StaticKV] = {} if caches is None else caches
         self.log = log or CaptureLog()
         self.functions: dict = {}   # name -> compiled function
         self.steps: dict = {}       # name -> a decode loop's captured step (made once per runtime)
+        self.pads: dict[int, torch.Tensor] = {}  # padded runtime: real count -> padding positions, on the device
         self._for_capture: Runtime | None = None
 
+    static = property(lambda self: self.spec.static)
+    compile = property(lambda self: self.spec.compile)
+    compile_mode = property(lambda self: self.spec.compile_mode)
+    rows = property(lambda self: self.spec.rows)
+
     @classmethod
-    def for_base(cls, base, *, compile: bool = False, static: bool = False, compile_mode: str | None = "auto",
-                 rows: int = 0) -> tuple["Runtime", str]:
-        """The runtime asked for, as far as `base` allows it, and a note when it fell back to eager. compile_mode
-        auto: CUDA graphs ("reduce-overhead") on a GPU, inductor's default on a CPU. With batch-invariant kernels
-        the compiled steps are padded to `rows` positions; without `rows`, or static without compile, they stay
-        eager, as do sliding-window models."""
-        if compile_mode == "auto":
-            compile_mode = "reduce-overhead" if base.device.type == "cuda" else None
+    def for_base(cls, base, asked: RuntimeSpec) -> tuple["Runtime", str]:
+        """The runtime `asked` for, as far as `base` allows it, and a note when it fell back to eager; its spec is the
+        resolved one (a compile mode, never "auto"). With batch-invariant kernels the compiled steps are padded to
+        `rows` positions; without `rows`, or static without compile, they stay eager, as do sliding-window
+        models."""
+        mode = asked.compile_mode
+        if mode == "auto":
+            mode = "reduce-overhead" if base.device.type == "cuda" else None
+        static, compile = asked.static or asked.compile, asked.compile
         ok, why = supports_static(base.config)
         note = ""
-        if (static or compile) and not ok:
+        if static and not ok:
             static = compile = False
             note = f"eager ({why}: static caches are not supported)"
-        elif (static or compile) and base.batch_invariant and not (compile and rows > 0):
+        elif static and base.batch_invariant and not (compile and asked.rows > 0):
             static = compile = False
             note = "eager (batch-invariant kernels: compiled steps need a fixed row count)"
-        runtime = cls(base, static=static, compile=compile, compile_mode=compile_mode,
-                      rows=rows if compile and base.batch_invariant else 0)
-        return runtime, note
+        rows = asked.rows if compile and base.batch_invariant else 0
+        return cls(base, RuntimeSpec(compile=compile, static=static, compile_mode=mode, rows=rows)), note
 
     def describe(self) -> str:
         if self.compile:
@@ -164,8 +183,8 @@ class Runtime:
         if not self.cuda_graphs:
             return self
         if self._for_capture is None:
-            self._for_capture = Runtime(self.base, static=self.static, compile=self.compile, compile_mode=None,
-                                        rows=self.rows, caches=self.caches, log=self.log)
+            self._for_capture = Runtime(self.base, replace(self.spec, compile_mode=None), caches=self.caches,
+                                        log=self.log)
         return self._for_capture
 
     # ---- caches --------------------------------------------------------------------------------------
@@ -219,11 +238,18 @@ class Runtime:
             r._grow(r.length + max(count, self.rows))
         if not compiled:
             return self.base.run_layers(hidden, r.start, r.end, position_ids=position_ids, cache=r.cache)
-        if "run_layers" not in self.functions:
-            self.compiled("run_layers", functools.partial(run_padded, self.base))
-        key = (r.start, r.end, count, r.cache.max_len)
-        return self.call(key, self.functions["run_layers"], hidden, r.start, r.end, position_ids=position_ids,
-                         cache=r.cache, rows=self.rows)
+        if not self.rows:
+            step = self.compiled("run_layers", self.base.run_layers)
+            return self.call((r.start, r.end, count, r.cache.max_len), step, hidden, r.start, r.end,
+                             position_ids=position_ids, cache=r.cache)
+        # padded outside the compiled step and cut back inside it: every count up to `rows` is one graph
+        step = self.compiled("run_padded", functools.partial(layers_then_unpad, self.base))
+        if count not in self.pads:
+            self.pads[count] = torch.tensor(self.rows - count, device=hidden.device)
+        hidden, position_ids = padded(hidden, position_ids, self.rows)
+        out = self.call((r.start, r.end, self.rows, r.cache.max_len), step, hidden, r.start, r.end,
+                        position_ids=position_ids, cache=r.cache, pad=self.pads[count])
+        return out[:, :count]
 
     def step(self, name: str, make: Callable[[], "CapturedStep"]):
         """A decode loop's captured step, made once per runtime (its graphs are reused from one request to the

@@ -11,6 +11,7 @@ from decode import Decoder, OracleDrafts
 from decode.common import draft_step, run_to_end
 from decode.local import LocalPipeline
 from decode.measure import local_time_per_token
+from decode.spec import RunSpec
 from heads import build_head
 from heads.sampling import Sampling
 
@@ -45,8 +46,13 @@ def reference(tiny_base):
     return [ar.generate(prompt, 24).tokens for prompt in PROMPTS]
 
 
+def _spec(layout, placement="streams") -> RunSpec:
+    return RunSpec(model_path="tiny", device="cpu", dtype="float32", threads=1, stage_threads=1,
+                   layout=tuple(layout), placement=placement)
+
+
 def _pipeline(base, head, stages):
-    return LocalPipeline([base] * stages, head, LAYOUTS[stages], placement="streams")
+    return LocalPipeline(_spec(LAYOUTS[stages]), [base] * stages, head)
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -275,5 +281,5 @@ def test_stages_on_their_own_bases(tiny_base, tiny_model_dir, heads, reference):
         decoder.load_base = real
     assert loaded == [(range(2, 4), False, False), (range(4, 6), False, True)]
     bases[0] = tiny_base
-    pipe = LocalPipeline(bases, heads["mlp"], [(r.start, r.stop) for r in layout], placement="devices")
+    pipe = LocalPipeline(_spec([(r.start, r.stop) for r in layout], "devices"), bases, heads["mlp"])
     assert [run_to_end(pipe.decode(p, 24)).tokens for p in PROMPTS] == reference

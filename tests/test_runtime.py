@@ -94,6 +94,8 @@ def test_padded_steps_give_the_unpadded_results_and_keep_the_cache_length(tiny_m
                     [start + count] * base.num_layers
             outs.append(torch.cat(out, 1))
     assert outs[1].shape == outs[0].shape and torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    assert {k[2] for k in plain.runtime.captured} == {1, 3, 4}  # a graph per count
+    assert {k[2] for k in padded.runtime.captured} == {4}      # padded: one graph for every count
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["plain", "padded"])

@@ -7,7 +7,7 @@ import pytest
 from decode.ar import ar_decode, greedy_step
 from decode.common import run_to_end
 from heads import load_base
-from heads.runtime import CapturedStep, Runtime
+from heads.runtime import CapturedStep, Runtime, RuntimeSpec
 
 PROMPT = list(range(5, 25))
 
@@ -98,11 +98,11 @@ def test_failed_capture_is_one_warning(capsys):
 
 def test_one_rule_decides_a_compiled_step(tiny_base):
     """Written once (`Runtime.compiles`): the layers and stage 0's head step both ask it, padded rows included."""
-    plain = Runtime(tiny_base, compile=True)
-    padded = Runtime(tiny_base, compile=True, rows=4)
+    plain = Runtime(tiny_base, RuntimeSpec(compile=True))
+    padded = Runtime(tiny_base, RuntimeSpec(compile=True, rows=4))
     assert not plain.compiles(0, 1) and not padded.compiles(0, 1)  # a prefill runs eager
     assert plain.compiles(20, 16) and not plain.compiles(20, 17)   # MAX_ROWS
     assert padded.compiles(20, 4) and not padded.compiles(20, 5)   # longer than the padded rows: eager
-    assert not Runtime(tiny_base, static=True).compiles(20, 1)
+    assert not Runtime(tiny_base, RuntimeSpec(static=True)).compiles(20, 1)
     assert plain.static and plain.describe() == "compiled static"
     assert padded.describe() == "compiled static, steps padded to 4 positions"
