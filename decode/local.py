@@ -284,15 +284,16 @@ class LocalPipeline:
                     drafts[next_pos + 1] = draft(next_pos, computed)
                     feed = drafts[next_pos + 1][0]
                 next_pos += 1
-        if run:
-            accept_lengths.append(run)
         return Generation(tokens=tokens, method="ppsd", wall_time=clock.elapsed(), prompt_tokens=n_prompt,
-                          drafts_verified=verified, drafts_accepted=accepted, accept_lengths=accept_lengths,
-                          stats={"placement": self.placement, "ticks": ticks, "flushes": flushes, "reads": reads,
-                                 "prefill_s": clock.wall["prefill"], "capture_s": self.capture_s,
-                                 "layers": [list(r) for r in self.layout],
-                                 "uncaptured": [st.graph_error for st in self.stages if st.graph_error],
-                                 "tick_costs": self.tick_costs})
+                          drafts_verified=verified, drafts_accepted=accepted,
+                          accept_lengths=accept_lengths + ([run] if run else []),
+                          stats=self._stats(clock, ticks=ticks, flushes=flushes, reads=reads))
+
+    def _stats(self, clock: Clock, **counts) -> dict:
+        """A generation's pipeline figures: its counts, the prefill, the capture and how the stages ran."""
+        return {"placement": self.placement, **counts, "prefill_s": clock.wall["prefill"], "capture_s": self.capture_s,
+                "layers": [list(r) for r in self.layout],
+                "uncaptured": [st.graph_error for st in self.stages if st.graph_error], "tick_costs": self.tick_costs}
 
     @torch.inference_mode()
     def measure_ticks(self, prompt_ids: list[int], repeats: int = 20) -> dict:

@@ -297,14 +297,8 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
     t_ar = ar_time_per_token(layers, num_layers, lm_head_s, embed_s)
     rows = []
     for index, stages in enumerate(stages_list):
-        if exit_layers is None:
-            exit_layer = balanced_exit_layer(layers, num_layers, stages, head_s, lm_head_s, embed_s, send_s)
-        elif isinstance(exit_layers, int):
-            exit_layer = exit_layers
-        elif isinstance(exit_layers, Mapping):
-            exit_layer = exit_layers[stages]
-        else:
-            exit_layer = exit_layers[index]
+        exit_layer = (balanced_exit_layer(layers, num_layers, stages, head_s, lm_head_s, embed_s, send_s)
+                      if exit_layers is None else _exit_layer_for(exit_layers, index, stages))
         stage_s = stage_costs(layers, num_layers, exit_layer, stages, head_s, lm_head_s, embed_s, send_s)
         draft_s = embed_s + sum(layers[:exit_layer]) + head_s + lm_head_s
         pipe = (stage_s, feedback_s, window or stages, head_s + lm_head_s)  # stage 0 sends h_E before its head
@@ -331,6 +325,13 @@ def predict_table(layer_s: Sequence[float] | float, num_layers: int, head_s: flo
                 rows[-1] |= {"t_ar_tp_s": t_tp, "ppsd_speedup_vs_tp": t_tp / rows[-1]["ppsd_time_s"],
                              "tp_layer_source": "1/S rule" if shard_s is None else "measured shard"}
     return rows
+
+
+def _exit_layer_for(exit_layers: int | Sequence[int] | Mapping[int, int], index: int, stages: int) -> int:
+    """predict_table's E for the index-th stage count: one for all, one per entry, or {stages: E}."""
+    if isinstance(exit_layers, int):
+        return exit_layers
+    return exit_layers[stages] if isinstance(exit_layers, Mapping) else exit_layers[index]
 
 
 def _check_alpha(alpha: float) -> None:

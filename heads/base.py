@@ -332,11 +332,6 @@ class Base:
         batch_invariant.apply(self.model, self.batch_invariant, layers=not self.runtime.rows)
         return note or self.runtime.describe()
 
-    @property
-    def _static_caches(self) -> dict:
-        """The runtime's cache pool (train/data.py keeps its continuous batch's cache there)."""
-        return self.runtime.caches
-
     def next_token_logits(self, token_ids, position_ids, cache, attention_mask=None) -> torch.Tensor:
         """Every layer on (B, T) tokens, then the LM head on the last position: (B, vocab)."""
         hidden = self.run_layers(self.embed(token_ids), 0, self.num_layers, position_ids=position_ids, cache=cache,

@@ -132,23 +132,7 @@ def entry_point(config_name: str, options: type[Options] | None, *, one_line_err
     def decorate(task):
         @functools.wraps(task)  # Hydra finds the config folder and job name from the wrapped function
         def job(cfg):
-            try:
-                task(cfg if options is None else validate(cfg, options))
-            except UserError as e:
-                fail(str(e), 2, cfg)
-            except KeyboardInterrupt:
-                fail("interrupted (Ctrl-C): stopped", INTERRUPTED, cfg)
-            except Terminated:
-                fail("terminated (SIGTERM): stopped", TERMINATED, cfg)
-            except Exception as e:  # noqa: BLE001: caught here so Hydra's banner never echoes the overrides
-                if is_disk_full(e):
-                    where = getattr(e, "filename", None)
-                    fail(f"no space left on the device{' of ' + str(where) if where else ''} "
-                         f"({type(e).__name__}): free some space, or write to another disk", 1, cfg)
-                if one_line_errors:
-                    fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, cfg)
-                sys.stderr.write(scrub(traceback.format_exc(), cfg))
-                sys.exit(1)
+            _run_task(task, cfg, options, one_line_errors)
 
         run_hydra = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
 
@@ -159,15 +143,7 @@ def entry_point(config_name: str, options: type[Options] | None, *, one_line_err
             if sigterm:
                 signal.signal(signal.SIGTERM, _terminate)
             if {"-h", "--help"} & set(sys.argv[1:]):  # this command's options, not Hydra's app-wide help
-                from heads.help import command_help
-
-                spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as -m: the module, not "__main__"
-                module = spec.name if spec is not None else task.__module__
-                try:
-                    print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"), flush=True)
-                except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                sys.exit(0)
+                _print_help(config_name, task)
             try:
                 check_command_line(sys.argv[1:], config_name)
                 run_hydra()
@@ -184,3 +160,37 @@ def entry_point(config_name: str, options: type[Options] | None, *, one_line_err
         return main
 
     return decorate
+
+
+def _run_task(task, cfg, options: type[Options] | None, one_line_errors: bool) -> None:
+    """Run the command on its checked options; every failure ends as one line (or a scrubbed traceback)."""
+    try:
+        task(cfg if options is None else validate(cfg, options))
+    except UserError as e:
+        fail(str(e), 2, cfg)
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C): stopped", INTERRUPTED, cfg)
+    except Terminated:
+        fail("terminated (SIGTERM): stopped", TERMINATED, cfg)
+    except Exception as e:  # noqa: BLE001: caught here so Hydra's banner never echoes the overrides
+        if is_disk_full(e):
+            where = getattr(e, "filename", None)
+            fail(f"no space left on the device{' of ' + str(where) if where else ''} "
+                 f"({type(e).__name__}): free some space, or write to another disk", 1, cfg)
+        if one_line_errors:
+            fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, cfg)
+        sys.stderr.write(scrub(traceback.format_exc(), cfg))
+        sys.exit(1)
+
+
+def _print_help(config_name: str, task) -> None:
+    """`-h`: this command's options, then exit 0."""
+    from heads.help import command_help
+
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # run as -m: the module, not "__main__"
+    module = spec.name if spec is not None else task.__module__
+    try:
+        print(command_help(config_name, f"python -m {module.removesuffix('.__main__')}"), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)

@@ -135,17 +135,36 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
     """README.md (YAML metadata + Markdown) for a head with this config.json."""
     metadata = dict(config.get("metadata") or {})
     measured = metadata.pop("measured", None) or {}
-    base_model = config["base_model"]
-    num_layers = config["base_config"].get("num_hidden_layers")
-    revision = config.get("base_revision")
-    where = repo_id or "path/to/this/folder"
+    base_model, exact = config["base_model"], config.get("base") or {}
+    heldout = metadata.get("heldout") if isinstance(metadata.get("heldout"), dict) else {}
     is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) is not None and not Path(base_model).exists()
     # No library_name: "ppsd" on PyPI is an unrelated package, and the Hub would link this card to it.
     card_data = ModelCardData(license=LICENSE, tags=TAGS + [config["head_type"]],
                               base_model=base_model if is_hub_id else None)
-    exact = config.get("base") or {}
+    copy = f" ({exact['quantization']} copy)" if exact.get("quantization") else ""
+    lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`{copy}", "",
+             "An early-exit draft head for lossless self-speculative decoding with "
+             "ppsd, a Python toolkit for Pipeline-Parallel Self-Speculative Decoding ([arXiv 2509.19368](https://arxiv.org/abs/2509.19368)). "
+             "It predicts the base model's next token from an intermediate layer; the decoders check every draft "
+             "against the full model, so outputs are token-for-token identical to plain decoding.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _facts(config, metadata, heldout, measured)]
+    training = _flatten({k: v for k, v in metadata.items() if "heldout" not in k})
+    for title, header, table in (("Training data and settings", "setting", training),
+                                 ("Held-out evaluation", "metric", _flatten(heldout)),
+                                 ("Measurement", "figure", measured)):
+        if table:
+            lines += ["", f"## {title}", "", f"| {header} | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
+    lines += _usage(repo_id or "path/to/this/folder", measured, _load_name(exact, base_model))
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(content))
 
-    heldout = metadata.get("heldout") if isinstance(metadata.get("heldout"), dict) else {}
+
+def _facts(config: dict, metadata: dict, heldout: dict, measured: dict) -> list[tuple[str, str]]:
+    """The card's first table: what the head is, how well it agrees, and what was measured."""
+    base_model, revision, exact = config["base_model"], config.get("base_revision"), config.get("base") or {}
+    num_layers = config["base_config"].get("num_hidden_layers")
     top1 = heldout.get("top1", _find(metadata, "heldout_top1"))
     expected = heldout.get("expected_acceptance", _find(metadata, "heldout_expected_acceptance"))
     facts = [
@@ -157,63 +176,46 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
         ("Held-out top-1 agreement with the full model", _fmt(top1) if top1 is not None else "not recorded"),
         ("Held-out expected acceptance", _fmt(expected) if expected is not None else "not recorded"),
     ]
-    if measured:
-        how = measured.get("method", "?")
-        if how == "ppsd" and measured.get("stages"):
-            how += f", {measured['stages']} stages"
-        if how == "eesd" and (measured.get("gamma") or measured.get("eesd_gamma")):
-            how += f", γ={measured.get('gamma') or measured.get('eesd_gamma')}"
-        facts += [
-            ("Measured speedup over autoregressive decoding",
-             f"{measured['speedup_vs_ar']:.2f}× ({how})" if "speedup_vs_ar" in measured else "not recorded"),
-            ("Measured acceptance rate", _fmt(measured.get("acceptance_rate", "not recorded"))),
-            ("Measured on", f"{measured.get('hardware', 'machine not recorded')}, "
-                            f"{measured.get('measured_at', 'date not recorded')}"),
-        ]
-        if measured.get("prompts"):
-            facts.append(("Prompts", f"{measured['prompts']} (limit {measured.get('limit')}, "
-                                     f"{measured.get('max_new_tokens')} new tokens)"))
-    else:
-        facts.append(("Measured speedup", "not measured yet (export with results=<decode or sweep result JSON>)"))
+    if not measured:
+        return facts + [("Measured speedup", "not measured yet (export with results=<decode or sweep result JSON>)")]
+    how = measured.get("method", "?")
+    if how == "ppsd" and measured.get("stages"):
+        how += f", {measured['stages']} stages"
+    if how == "eesd" and (measured.get("gamma") or measured.get("eesd_gamma")):
+        how += f", γ={measured.get('gamma') or measured.get('eesd_gamma')}"
+    facts += [
+        ("Measured speedup over autoregressive decoding",
+         f"{measured['speedup_vs_ar']:.2f}× ({how})" if "speedup_vs_ar" in measured else "not recorded"),
+        ("Measured acceptance rate", _fmt(measured.get("acceptance_rate", "not recorded"))),
+        ("Measured on", f"{measured.get('hardware', 'machine not recorded')}, "
+                        f"{measured.get('measured_at', 'date not recorded')}"),
+    ]
+    if measured.get("prompts"):
+        facts.append(("Prompts", f"{measured['prompts']} (limit {measured.get('limit')}, "
+                                 f"{measured.get('max_new_tokens')} new tokens)"))
+    return facts
 
-    copy = f" ({exact['quantization']} copy)" if exact.get("quantization") else ""
-    lines = [f"# PPSD exit head: {config['head_type']} at layer {config['exit_layer']} of `{base_model}`{copy}", "",
-             "An early-exit draft head for lossless self-speculative decoding with "
-             "ppsd, a Python toolkit for Pipeline-Parallel Self-Speculative Decoding ([arXiv 2509.19368](https://arxiv.org/abs/2509.19368)). "
-             "It predicts the base model's next token from an intermediate layer; the decoders check every draft "
-             "against the full model, so outputs are token-for-token identical to plain decoding.", "",
-             "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in facts]
-    training = _flatten({k: v for k, v in metadata.items() if "heldout" not in k})
-    if training:
-        lines += ["", "## Training data and settings", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in training.items()]
-    if heldout:
-        lines += ["", "## Held-out evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(heldout).items()]
-    if measured:
-        lines += ["", "## Measurement", "", "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in measured.items()]
-    lines += ["", "## How to use", "", "Install ppsd (Python 3.10+; CPU torch, or a CUDA build installed first):", "",
-              "```bash", INSTALL, "```", "",
-              "Text in, text out (greedy output is identical to the base model's own decoding; ppsd starts its "
-              "stages as processes, hence the `__main__` guard):", "",
-              "```python",
-              "from decode import TextDecoder", "",
-              'if __name__ == "__main__":',
-              f'    with TextDecoder.from_pretrained("{where}", method="{measured.get("method") or "ppsd"}") as dec:',
-              '        print(dec.generate("Explain speculative decoding in two sentences."))',
-              "```", "", "The head and its base alone:", "", "```python",
-              "from heads import load_base, load_head", "",
-              f'base = load_base("{_load_name(exact, base_model)}")',
-              f'head = load_head("{where}", base)  # a hub id or a local folder',
-              "```", "", "Measure it against plain decoding on your machine:", "",
-              "```bash",
-              f"python -m decode method=ppsd stages={measured.get('stages') or 2} head_path={where} "
-              f"prompts=decode/prompts/default.jsonl compare=[ar,eesd]   # the base comes from the head's config",
-              "```", ""]
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return str(ModelCard(content))
+
+def _usage(where: str, measured: dict, load_name: str) -> list[str]:
+    """The card's "How to use": install, text in and out, the head and its base, measure it."""
+    return ["", "## How to use", "", "Install ppsd (Python 3.10+; CPU torch, or a CUDA build installed first):", "",
+            "```bash", INSTALL, "```", "",
+            "Text in, text out (greedy output is identical to the base model's own decoding; ppsd starts its "
+            "stages as processes, hence the `__main__` guard):", "",
+            "```python",
+            "from decode import TextDecoder", "",
+            'if __name__ == "__main__":',
+            f'    with TextDecoder.from_pretrained("{where}", method="{measured.get("method") or "ppsd"}") as dec:',
+            '        print(dec.generate("Explain speculative decoding in two sentences."))',
+            "```", "", "The head and its base alone:", "", "```python",
+            "from heads import load_base, load_head", "",
+            f'base = load_base("{load_name}")',
+            f'head = load_head("{where}", base)  # a hub id or a local folder',
+            "```", "", "Measure it against plain decoding on your machine:", "",
+            "```bash",
+            f"python -m decode method=ppsd stages={measured.get('stages') or 2} head_path={where} "
+            f"prompts=decode/prompts/default.jsonl compare=[ar,eesd]   # the base comes from the head's config",
+            "```", ""]
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -198,6 +198,14 @@ class Runtime:
         cache.set_length(0, range(start, end))
         return cache
 
+    def slot_cache(self, rows: int, max_len: int) -> "SlotKV":
+        """The continuous batch's cache (train's teacher answers): `rows` independent sequences of `max_len`
+        columns, made once per shape and reused, so its compiled step is captured once."""
+        key = ("slots", rows, max_len)
+        if key not in self.caches:
+            self.caches[key] = SlotKV(self.base.num_layers, max_len, rows, self.base.device)
+        return self.caches[key]
+
     # ---- compiled steps ------------------------------------------------------------------------------
 
     def compiles(self, held: int, count: int) -> bool:

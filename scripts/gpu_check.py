@@ -275,6 +275,7 @@ def runtime_bench_step(name: str, args: argparse.Namespace, extra: list[str], ti
 
 def main(argv: list[str] | None = None) -> dict:
     from decode.evaluate import round_floats
+    from heads.files import atomic_write_json
 
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +299,29 @@ def main(argv: list[str] | None = None) -> dict:
             "--skip-model", "--model", args.model, "--dtype", gen_dtype,
             *(["--teacher-prompts", "3", "--teacher-new-tokens", "4"] if args.tiny else ["--teacher-prompts", "0"]),
         ], timeout("teacher"))
-    head_path = args.head_path
+    head_path = _head_steps(args, wanted, report, timeout)
+    if "shards" in wanted:
+        steps["shards"] = runtime_bench_step("shards", args, [
+            "--model", "7b", "--skip-model", "--shards", "1,2" if args.tiny else "1,2,4,8",
+            "--allreduce-ms", ALLREDUCE_MS, *tiny], timeout("shards"))
+    if "runtime" in wanted:
+        steps["runtime"] = run_step("runtime", [
+            "scripts.benchmark", "mode=runtime", f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}",
+            *([f"head_path={head_path}"] if head_path else []),
+        ], args.out_dir, timeout("runtime"))
+        figures_of(steps["runtime"], lambda result: {k: v for k, v in result.items() if k != "mode"})
+
+    report["wall_s"] = round(time.perf_counter() - overall, 1)
+    report["ok"] = all(s["error"] is None for s in steps.values())
+    atomic_write_json(args.out_dir / "gpu_check.json", round_floats(report))
+    print(json.dumps(round_floats(report)), flush=True)
+    return report
+
+
+def _head_steps(args, wanted: list[str], report: dict, timeout) -> str | None:
+    """The steps that train or use a head: train (or --head-path), xxlarge, decode per placement, benchmark.
+    Returns the head decode used."""
+    steps, head_path = report["steps"], args.head_path
     if head_path is None and ("train" in wanted or "decode" in wanted):
         # train picks the GPU by itself when there is one: hide it for a CPU check
         env = {"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}
@@ -320,22 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
             *merged(BENCHMARK_DEFAULTS, shlex.split(args.benchmark_overrides)),
         ], args.out_dir, timeout("benchmark"))
         figures_of(steps["benchmark"], benchmark_figures)
-    if "shards" in wanted:
-        steps["shards"] = runtime_bench_step("shards", args, [
-            "--model", "7b", "--skip-model", "--shards", "1,2" if args.tiny else "1,2,4,8",
-            "--allreduce-ms", ALLREDUCE_MS, *tiny], timeout("shards"))
-    if "runtime" in wanted:
-        steps["runtime"] = run_step("runtime", [
-            "scripts.benchmark", "mode=runtime", f"model={args.model}", f"device={args.device}", f"dtype={args.dtype}",
-            *([f"head_path={head_path}"] if head_path else []),
-        ], args.out_dir, timeout("runtime"))
-        figures_of(steps["runtime"], lambda result: {k: v for k, v in result.items() if k != "mode"})
-
-    report["wall_s"] = round(time.perf_counter() - overall, 1)
-    report["ok"] = all(s["error"] is None for s in steps.values())
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(round_floats(report), indent=2))
-    print(json.dumps(round_floats(report)), flush=True)
-    return report
+    return head_path
 
 
 if __name__ == "__main__":

@@ -375,38 +375,9 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
     if model == "7b" and layers:
         shape = replace(shape, layers=layers)
     if overhead:
-        depth = layers or 30
-        h = result["host_overhead"] = host_overhead(depth, tokens, device)
-        print(f"host overhead per layer per token ({depth}-layer tiny Llama, {threads} thread(s)): "
-              f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
-              f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
-              f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
-        f = result["call_floor"] = call_floor(tiny_model(tempfile.mkdtemp(prefix="ppsd-runtime-"), depth), device,
-                                              tokens=tokens)
-        print(f"per-call floor ({depth}-layer tiny Llama; captured = {f['captured_path']}): one-layer call "
-              + ", ".join(f"{k} {v['layer_call_us']} µs" for k, v in f.items() if isinstance(v, dict))
-              + "; AR step " + ", ".join(f"{k} {v['ar_step_ms']} ms" for k, v in f.items() if isinstance(v, dict)),
-              flush=True)
-    if base_model and model == "7b":
-        m = result["model_7b"] = model_7b(device, shape, tokens=tokens, gamma=gamma, repeats=repeats,
-                                          bandwidth_gb_s=bandwidth_gb_s)
-        print(f"7B-shaped model ({shape.layers} layers, {m['weights_gb']} GB bf16, set up in {m['setup_s']} s), compiled:"
-              f" AR step {m['ar_ms']} ms, verify of {gamma + 1} positions {m[f'verify_{gamma + 1}_ms']} ms, capture "
-              f"{m['capture_s']} s; bound {m['bound_ms']} ms at {m['bandwidth_gb_s']} GB/s ({m['bandwidth_source']}): "
-              f"AR at {m['ar_over_bound']}x the bound; captured AR step {m['ar_captured_ms']} ms "
-              f"({m['captured_over_bound']}x the bound, capture {m['captured_capture_s']} s)", flush=True)
-    elif base_model:
-        s = result["base"] = base_figures(model, tokens, dtype, head_path, device)
-        print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
-              f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
-              f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
-              f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x; "
-              f"captured {s['ar_captured_ms']} ({s['captured_over_bound']}x the bound, capture {s['captured_capture_s']} s)",
-              flush=True)
-        if "eesd_eager_ms" in s:
-            print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
-                  f" HF assistant_early_exit {s['hf_early_exit_ms']} ({s['hf_early_exit_ms'] / s['eesd_compiled_ms']:.2f}x"
-                  f" slower than ours compiled)", flush=True)
+        result |= _overhead_figures(layers or 30, tokens, device, threads)
+    if base_model:
+        result |= _model_figures(model, device, dtype, shape, tokens, gamma, repeats, bandwidth_gb_s, head_path)
     if gen_rows:
         g = result["generation"] = generation(model, gen_rows, dtype, device)
         print(f"teacher generation, batch {g['rows']}: eager {g['eager_tokens_per_s']} tokens/s, compiled "
@@ -430,6 +401,46 @@ def run(*, model: str = "smollm2", device: str = "cpu", dtype: str = "float32", 
               + ", ".join(f"S={k} {v} ms" for k, v in t["shard_captured_ms"].items())
               + (f"; + 2 all-reduces of {allreduce_ms} ms each (assumed)" if allreduce_ms is not None else ""), flush=True)
     return result
+
+
+def _overhead_figures(depth: int, tokens: int, device: str, threads: int) -> dict:
+    """The host overhead per layer and the per-call floor, on a `depth`-layer tiny Llama."""
+    h = host_overhead(depth, tokens, device)
+    print(f"host overhead per layer per token ({depth}-layer tiny Llama, {threads} thread(s)): "
+          f"eager {h['eager']['ms_per_layer']:.3f} ms, compiled {h['compiled']['ms_per_layer']:.3f} ms "
+          f"(capture {h['compiled']['capture_s']} s); AR step eager {h['eager']['ms_per_token']:.2f} ms, compiled "
+          f"{h['compiled']['ms_per_token']:.2f} ms, HF generate {h['hf_generate']['ms_per_token']:.2f} ms", flush=True)
+    f = call_floor(tiny_model(tempfile.mkdtemp(prefix="ppsd-runtime-"), depth), device, tokens=tokens)
+    print(f"per-call floor ({depth}-layer tiny Llama; captured = {f['captured_path']}): one-layer call "
+          + ", ".join(f"{k} {v['layer_call_us']} µs" for k, v in f.items() if isinstance(v, dict))
+          + "; AR step " + ", ".join(f"{k} {v['ar_step_ms']} ms" for k, v in f.items() if isinstance(v, dict)),
+          flush=True)
+    return {"host_overhead": h, "call_floor": f}
+
+
+def _model_figures(model: str, device: str, dtype: str, shape: Shape, tokens: int, gamma: int, repeats: int,
+                   bandwidth_gb_s: float | None, head_path: str | None) -> dict:
+    """The whole model's figures: the 7B-shaped one (model="7b"), or a real base with its head."""
+    if model == "7b":
+        m = model_7b(device, shape, tokens=tokens, gamma=gamma, repeats=repeats, bandwidth_gb_s=bandwidth_gb_s)
+        print(f"7B-shaped model ({shape.layers} layers, {m['weights_gb']} GB bf16, set up in {m['setup_s']} s), compiled:"
+              f" AR step {m['ar_ms']} ms, verify of {gamma + 1} positions {m[f'verify_{gamma + 1}_ms']} ms, capture "
+              f"{m['capture_s']} s; bound {m['bound_ms']} ms at {m['bandwidth_gb_s']} GB/s ({m['bandwidth_source']}): "
+              f"AR at {m['ar_over_bound']}x the bound; captured AR step {m['ar_captured_ms']} ms "
+              f"({m['captured_over_bound']}x the bound, capture {m['captured_capture_s']} s)", flush=True)
+        return {"model_7b": m}
+    s = base_figures(model, tokens, dtype, head_path, device)
+    print(f"{s['model']} {s['dtype']} AR ms/token: eager {s['ar_eager_ms']}, compiled {s['ar_compiled_ms']} "
+          f"(capture {s['capture_s']} s), HF generate {s['hf_generate_ms']}; bound {s['bound_ms']} ms "
+          f"({s['weights_mb']} MB at {s['bandwidth_gb_s']} GB/s). compiled vs HF generate: "
+          f"{s['hf_generate_ms'] / s['ar_compiled_ms']:.2f}x, vs eager {s['ar_eager_ms'] / s['ar_compiled_ms']:.2f}x; "
+          f"captured {s['ar_captured_ms']} ({s['captured_over_bound']}x the bound, capture {s['captured_capture_s']} s)",
+          flush=True)
+    if "eesd_eager_ms" in s:
+        print(f"EESD at the head's layer, ms/token: ours eager {s['eesd_eager_ms']}, compiled {s['eesd_compiled_ms']};"
+              f" HF assistant_early_exit {s['hf_early_exit_ms']} ({s['hf_early_exit_ms'] / s['eesd_compiled_ms']:.2f}x"
+              f" slower than ours compiled)", flush=True)
+    return {"base": s}
 
 
 def parse_shards(text: str) -> tuple[int, ...]:

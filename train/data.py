@@ -207,24 +207,32 @@ def slot_count(prompts: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, prompts - 1).bit_length())
 
 
-def _prefill_rows(base, prompts_ids: list[list[int]]):
-    """Eager left-padded prefill of new prompts: each one's last-position logits, and per layer its keys and
-    values moved to columns [0, length) (a slot row holds its sequence from column 0)."""
+def _prefill_rows(base, cache, index: torch.Tensor, prompts_ids: list[list[int]]) -> torch.Tensor:
+    """Eager left-padded prefill of new prompts into rows `index` of the slot cache, each one's keys and values
+    moved to columns [0, length) (a slot row holds its sequence from column 0); returns their last-position
+    logits."""
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(base.eos_token_ids))
     width = max(map(len, prompts_ids))
     inputs = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids], device=base.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids], device=base.device)
-    cache = DynamicCache(config=base.config)
+    dynamic = DynamicCache(config=base.config)
     logits = base.model(input_ids=inputs, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, logits_to_keep=1, **{cache_kwarg(type(base.model).forward): cache}).logits[:, -1]
+                        use_cache=True, logits_to_keep=1, **{cache_kwarg(type(base.model).forward): dynamic}).logits[:, -1]
     shift = torch.tensor([width - len(p) for p in prompts_ids], device=base.device)
     source = (torch.arange(width, device=base.device)[None] + shift[:, None]).clamp(max=width - 1)  # (k, width)
 
     def moved(x):  # (k, H, width, D): column c <- column c + pad
         return x.gather(2, source[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
-    return logits, [(moved(layer.keys), moved(layer.values)) for layer in cache.layers[:base.num_layers]], width
+    layers = dynamic.layers[:base.num_layers]
+    if not cache.layers[0].is_initialized:
+        cache.allocate(layers[0].keys.shape[1], layers[0].keys.shape[3], layers[0].keys.dtype, base.device)
+    for layer, prefilled in zip(cache.layers, layers):
+        layer.keys[index, :, :width] = moved(prefilled.keys)
+        layer.values[index, :, :width] = moved(prefilled.values)
+    cache.columns[index, 0] = torch.tensor(list(map(len, prompts_ids)), device=base.device)
+    return logits
 
 
 def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens: int, sample: bool,
@@ -236,7 +244,7 @@ def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens:
     answer holds one row, not a batch. The host looks at the rows every `check_every` steps (a read of device
     memory waits for the GPU; a finished row runs a few steps more, discarded). Greedy and sampled answers
     take this same path; a row's greedy answer is the one it gets alone."""
-    from heads.cache import SlotKV, cache_len_for
+    from heads.cache import cache_len_for
 
     device, count = base.device, len(prompts_ids)
     if not count:
@@ -244,10 +252,7 @@ def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens:
     check_every = check_every or (8 if device.type == "cuda" else 1)
     rows = slot_count(count, batch_size or count)
     max_len = cache_len_for(max(map(len, prompts_ids)) + max_new_tokens + check_every)
-    key = ("slots", rows, max_len)
-    cache = base._static_caches.get(key)
-    if cache is None:
-        cache = base._static_caches[key] = SlotKV(base.num_layers, max_len, rows, device)
+    cache, key = base.runtime.slot_cache(rows, max_len), ("slots", rows, max_len)
     slots = torch.arange(max_len, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     eos = torch.tensor(sorted(base.eos_token_ids), device=device)
@@ -265,17 +270,10 @@ def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens:
             free = [r for r in range(rows) if owner[r] == -1]
             new = [(r, i) for r, i in zip(free, queue)]
             if new:
-                logits, layers, prompt_width = _prefill_rows(base, [prompts_ids[i] for _, i in new])
-                if not cache.layers[0].is_initialized:
-                    cache.allocate(layers[0][0].shape[1], layers[0][0].shape[3], layers[0][0].dtype, device)
                 index = torch.tensor([r for r, _ in new], device=device)
-                for layer, (k, v) in zip(cache.layers, layers):
-                    layer.keys[index, :, :prompt_width] = k
-                    layer.values[index, :, :prompt_width] = v
+                logits = _prefill_rows(base, cache, index, [prompts_ids[i] for _, i in new])
                 first = next_tokens(logits, sample=sample, temperature=temperature, top_p=top_p, generator=generator)
-                lengths = torch.tensor([len(prompts_ids[i]) for _, i in new], device=device)
-                token[index], cache.columns[index, 0], made[index] = first, lengths, 1
-                out[index, 0] = first
+                token[index], made[index], out[index, 0] = first, 1, first
                 ended[index] = torch.isin(first, eos) | (max_new_tokens <= 1)
                 for r, i in new:
                     owner[r] = i
