@@ -25,7 +25,7 @@ from decode.spec import RunSpec
 from decode.stage import serve
 from heads.base import parse_dtype
 from heads.errors import UserError
-from heads.hardware import free_port, median_seconds
+from heads.hardware import median_seconds
 
 
 # ---- spawned stage processes --------------------------------------------------------------------
@@ -144,9 +144,10 @@ class Pipeline:
         if dist.is_initialized():
             raise UserError("ppsd spawns its own stage processes but torch.distributed is already initialised: "
                             "launch with torchrun instead, or from a plain process")
-        port = free_port()
         timeout = datetime.timedelta(seconds=max(self.spec.load_timeout_s, self.spec.worker_timeout_s))
-        store = dist.TCPStore("127.0.0.1", port, self.stages, True, timeout=timeout, wait_for_workers=False)
+        # port 0: the store binds a free port itself (a port picked first could be taken before the bind)
+        store = dist.TCPStore("127.0.0.1", 0, self.stages, True, timeout=timeout, wait_for_workers=False)
+        port = store.port
         ctx = mp.get_context("spawn")
         with _sigint_ignored_by_children():
             for rank in range(1, self.stages):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from heads.hardware import check_device, check_ranks_fit_gpus, free_port, is_auto, process_threads
+from heads.hardware import check_device, check_ranks_fit_gpus, is_auto, process_threads
 
 
 def train_device(setting) -> torch.device:
@@ -29,16 +29,22 @@ def init_distributed(device: torch.device, threads=None):
     GPU (made the current device first: NCCL's collectives and object broadcasts use it), else gloo."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(hours=2)  # rank 0 may generate data for a while
+    own_world = int(os.environ.get("WORLD_SIZE", "1")) == 1  # no launcher's rendezvous is needed for one rank
+    if own_world:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # one process per core share, or they fight over the cores
         torch.set_num_threads(process_threads(threads, int(os.environ["LOCAL_WORLD_SIZE"])))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                               timeout=datetime.timedelta(hours=2))  # rank 0 may generate data for a while
+    if own_world and not torch.distributed.is_initialized():
+        # The store binds a free port itself: a port picked first could be taken by another run before the bind.
+        store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, timeout=timeout, wait_for_workers=False)
+        os.environ["MASTER_PORT"] = str(store.port)
+        torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)  # adopts a group made here
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
