@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,9 +210,3 @@ def process_threads(value, processes: int = 1) -> int:
         return n
     return max(1, cores() // max(1, processes))
 
-
-def free_port() -> int:
-    """A TCP port nothing on this machine listens on now, for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -223,16 +223,14 @@ def test_torchrun_ranks_compute_with_rank_0s_spec_unchanged():
 
     from decode.protocol import LAYOUT, Header, Link
     from decode.spec import RunSpec
-    from heads.hardware import free_port
-
     spec = RunSpec("/models/base", "cpu", "bfloat16", threads=3, stage_threads=5, compile=True, batch_invariant=True,
                    rows=5, gamma=4, window=2, placement="processes", layout=((0, 2), (2, 6)), timeout_s=7.0,
                    reasons={"threads": "3: fastest of {1: 9.0, 3: 4.1} ms per AR step"},
                    threads_measured_ms={1: 9.0, 3: 4.1})
     assert RunSpec.from_json(spec.to_json()) == spec and RunSpec.from_json(spec.to_json()).reasons == spec.reasons
     ctx = mp.get_context("spawn")
-    received, port = ctx.Queue(), free_port()
-    store = dist.TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)  # port 0: the store binds a free one
+    received, port = ctx.Queue(), store.port
     child = ctx.Process(target=_torchrun_rank_1, args=(port, received), daemon=True)
     child.start()
     try:
