@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scripts import runtime_bench
-from scripts.runtime_bench import Shape, random_llama
+from scripts.llama7b import Shape, random_llama
 
 TINY = Shape(layers=1, hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=32, vocab=256)
 
