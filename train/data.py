@@ -252,7 +252,8 @@ def generate_batch_static(base, prompts_ids: list[list[int]], *, max_new_tokens:
     check_every = check_every or (8 if device.type == "cuda" else 1)
     rows = slot_count(count, batch_size or count)
     max_len = cache_len_for(max(map(len, prompts_ids)) + max_new_tokens + check_every)
-    cache, key = base.runtime.slot_cache(rows, max_len), ("slots", rows, max_len)
+    cache = base.runtime.slot_cache(rows, max_len)
+    key = ("slots", rows, max_len)  # the compiled step's shape, as the capture log counts it
     slots = torch.arange(max_len, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     eos = torch.tensor(sorted(base.eos_token_ids), device=device)

@@ -33,7 +33,8 @@ def init_distributed(device: torch.device, threads=None):
     timeout = datetime.timedelta(hours=2)  # rank 0 may generate data for a while
     own_world = int(os.environ.get("WORLD_SIZE", "1")) == 1  # no launcher's rendezvous is needed for one rank
     if own_world:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("LOCAL_RANK", "0")  # a launcher's own (train_device chose the GPU by it) stands
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
